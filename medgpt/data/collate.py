@@ -1,0 +1,56 @@
+"""Batching: right-padding with masked labels, and packing several examples into one row.
+
+Packed rows carry per-example `position_ids` (restarting at 0 for each example) and no
+attention mask: transformers then builds a block-diagonal causal mask from the position ids
+(sdpa/eager) or uses varlen kernels (flash-attention), so attention never crosses examples.
+Padding inside a packed row forms its own block and is never in the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from medgpt.data.tokenize import IGNORE
+
+
+class PadCollator:
+    """Pads `input_ids`/`labels` (and `position_ids` when present) to the longest row in the batch."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        packed = "position_ids" in rows[0]
+        batch: dict[str, list] = {"input_ids": [], "labels": [], "position_ids" if packed else "attention_mask": []}
+        for r in rows:
+            n, pad = len(r["input_ids"]), width - len(r["input_ids"])
+            batch["input_ids"].append(list(r["input_ids"]) + [self.pad_token_id] * pad)
+            batch["labels"].append(list(r["labels"]) + [IGNORE] * pad)
+            if packed:
+                batch["position_ids"].append(list(r["position_ids"]) + list(range(pad)))
+            else:
+                batch["attention_mask"].append([1] * n + [0] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def pack(examples: Iterable[dict], max_length: int) -> list[dict]:
+    """Greedy first-fit-in-order packing of tokenised examples into rows of at most `max_length`."""
+    rows: list[dict] = []
+    current = {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        ids, labels = list(ex["input_ids"])[:max_length], list(ex["labels"])[:max_length]
+        if current["input_ids"] and len(current["input_ids"]) + len(ids) > max_length:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += ids
+        current["labels"] += labels
+        current["position_ids"] += list(range(len(ids)))
+    if current["input_ids"]:
+        rows.append(current)
+    return rows

@@ -1,0 +1,203 @@
+"""Chat templates as data: render a conversation message by message, and the equivalent Jinja.
+
+A template (conf/template/*.yaml) is a handful of formats with a `{content}` slot; `{bos}` and
+`{eos}` stand for the tokenizer's special tokens. A conversation renders as
+
+    prefix  [system]  ( user  assistant_start  ASSISTANT  assistant_end )*
+
+where only ASSISTANT (the `assistant` format: answer plus stop string) is trained. Rendering yields
+segments tagged with their role in the mask, so the label mask is exact by construction — no
+rendering of prefixes and diffing of strings. `to_jinja()` writes the same template as a Hugging
+Face chat template (with `{% generation %}` marks), saved with the tokenizer so that serving and
+vLLM format prompts exactly as training did; a test checks the two render identical text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import yaml
+
+from medgpt.errors import ConfigError, DataError
+
+ROLES = ("system", "user", "assistant")
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "conf" / "template"
+
+# Probe conversations used to recognise a tokenizer's own chat template (template=auto).
+_PROBES = [
+    [{"role": "user", "content": "What is a fever?"}, {"role": "assistant", "content": "A raised body temperature."}],
+    [
+        {"role": "system", "content": "You are careful."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Is 38 C a fever?"},
+        {"role": "assistant", "content": "Yes, in adults."},
+    ],
+]
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    kind: str  # prompt | answer | answer_end | turn_end  (answer and answer_end are trained)
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    prefix: str = ""
+    system: str = "{content}"
+    user: str = "{content}"
+    assistant_start: str = ""
+    assistant: str = "{content}"
+    assistant_end: str = ""
+    stop: str = ""
+    default_system: str | None = None
+    system_position: str = "turn"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping) -> "Template":
+        known = {f.name for f in fields(cls)}
+        t = cls(**{k: v for k, v in dict(data).items() if k in known})
+        for f in ("system", "user", "assistant"):
+            if getattr(t, f).count("{content}") != 1:
+                raise ConfigError(f"template {t.name}: field '{f}' must contain {{content}} exactly once.")
+        if not t.stop:
+            raise ConfigError(f"template {t.name}: 'stop' (the end-of-turn string) must not be empty.")
+        return t
+
+    def special(self, text: str, bos: str, eos: str) -> str:
+        return text.replace("{bos}", bos or "").replace("{eos}", eos or "")
+
+    def stop_string(self, bos: str, eos: str) -> str:
+        return self.special(self.stop, bos, eos)
+
+    def segments(self, messages: list[dict], bos: str = "", eos: str = "", add_generation_prompt: bool = False) -> list[list[Segment]]:
+        """Render `messages` as turns of segments; turn 0 is the head (prefix and system)."""
+        fmt = lambda f, content: self.special(f, bos, eos).replace("{content}", content)  # noqa: E731
+        system, rest = _split_system(messages, self.default_system)
+        head = [Segment(fmt(self.prefix, ""), "prompt")] if self.prefix else []
+        if system is not None and self.system_position == "turn":
+            head.append(Segment(fmt(self.system, system), "prompt"))
+        turns: list[list[Segment]] = [head]
+        for i, msg in enumerate(rest):
+            role, content = msg["role"], msg["content"]
+            if role == "user":
+                if i == 0 and system is not None and self.system_position == "first_user":
+                    content = fmt(self.system, system) + content
+                turns.append([Segment(fmt(self.user, content), "prompt")])
+            elif role == "assistant":
+                if i == 0:  # a conversation that opens with the assistant: keep it out of the head
+                    turns.append([])
+                lead, tail = self.special(self.assistant, bos, eos).split("{content}")
+                turns[-1] += [Segment(self.special(self.assistant_start, bos, eos), "prompt"),
+                              Segment(lead + content, "answer"), Segment(tail, "answer_end"),
+                              Segment(self.special(self.assistant_end, bos, eos), "turn_end")]
+            else:
+                raise DataError(f"message {i}: role '{role}' is not allowed after the first message (use {', '.join(ROLES)}).")
+        if add_generation_prompt:
+            turns[-1].append(Segment(self.special(self.assistant_start, bos, eos), "prompt"))
+        return [[s for s in turn if s.text] for turn in turns]
+
+    def render(self, messages: list[dict], bos: str = "", eos: str = "", add_generation_prompt: bool = False) -> str:
+        return "".join(s.text for turn in self.segments(messages, bos, eos, add_generation_prompt) for s in turn)
+
+    def to_jinja(self) -> str:
+        """The same template as a Hugging Face chat template (bos_token/eos_token from the tokenizer)."""
+        lit = lambda f: _jinja_concat(f, None)  # noqa: E731
+        system_default = "none" if self.default_system is None else _jinja_str(self.default_system)
+        parts = [
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
+            f"{{%- else -%}}{{%- set system = {system_default} -%}}{{%- set loop_messages = messages -%}}{{%- endif -%}}",
+        ]
+        if self.prefix:
+            parts.append("{{ " + lit(self.prefix) + " }}")
+        if self.system_position == "turn":
+            parts.append("{%- if system is not none -%}{{ " + _jinja_concat(self.system, "system") + " }}{%- endif -%}")
+        lead, tail = self.assistant.split("{content}")
+        user_first = _jinja_concat(self.user, _jinja_concat(self.system, "system") + " + message['content']")
+        user_plain = _jinja_concat(self.user, "message['content']")
+        user_block = ("{%- if loop.first and system is not none -%}{{ " + user_first + " }}{%- else -%}{{ " + user_plain + " }}{%- endif -%}"
+                      if self.system_position == "first_user" else "{{ " + user_plain + " }}")
+        parts += [
+            "{%- for message in loop_messages -%}",
+            "{%- if message['role'] == 'user' -%}" + user_block,
+            "{%- elif message['role'] == 'assistant' -%}",
+            ("{{ " + lit(self.assistant_start) + " }}" if self.assistant_start else ""),
+            "{%- generation -%}{{ " + _jinja_concat(lead + "{content}" + tail, "message['content']") + " }}{%- endgeneration -%}",
+            ("{{ " + lit(self.assistant_end) + " }}" if self.assistant_end else ""),
+            "{%- else -%}{{ raise_exception('Conversation roles must be user/assistant after an optional first system message') }}",
+            "{%- endif -%}{%- endfor -%}",
+            "{%- if add_generation_prompt -%}" + ("{{ " + lit(self.assistant_start) + " }}" if self.assistant_start else "") + "{%- endif -%}",
+        ]
+        return "".join(parts)
+
+
+def _split_system(messages: list[dict], default_system: str | None) -> tuple[str | None, list[dict]]:
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return default_system, messages
+
+
+def _jinja_str(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _jinja_concat(fmt: str, content_expr: str | None) -> str:
+    """A Jinja expression for `fmt`, with {content} -> content_expr and {bos}/{eos} -> the special tokens."""
+    pieces: list[str] = []
+    rest = fmt
+    while rest:
+        idx = {tok: rest.find(tok) for tok in ("{content}", "{bos}", "{eos}") if tok in rest}
+        if not idx:
+            pieces.append(_jinja_str(rest))
+            break
+        tok, at = min(idx.items(), key=lambda kv: kv[1])
+        if at:
+            pieces.append(_jinja_str(rest[:at]))
+        pieces.append({"{content}": f"({content_expr})", "{bos}": "bos_token", "{eos}": "eos_token"}[tok])
+        rest = rest[at + len(tok):]
+    return " + ".join(pieces) if pieces else "''"
+
+
+def available_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml") if p.stem != "auto")
+
+
+def load_template(name: str) -> Template:
+    path = TEMPLATE_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown template '{name}': use one of {', '.join(available_templates())}.")
+    return Template.from_mapping(yaml.safe_load(path.read_text()))
+
+
+def identify_template(tokenizer, candidates: Iterable[str] | None = None) -> Template:
+    """The conf/template whose rendering equals the tokenizer's own chat template on probe dialogues."""
+    own = getattr(tokenizer, "chat_template", None)
+    if not own:
+        raise ConfigError("template=auto, but the tokenizer has no chat template: pick one with template=<name> "
+                          f"({', '.join(available_templates())}).")
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    for name in candidates or available_templates():
+        template = load_template(name)
+        try:
+            cases = [(p, False) for p in _PROBES] + [(p[:-1], True) for p in _PROBES]
+            if all(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=g) == template.render(p, bos, eos, g)
+                   for p, g in cases):
+                return template
+        except Exception:  # a foreign template may reject our probes; it is then simply no match
+            continue
+    raise ConfigError("template=auto: the tokenizer's chat template matches none of conf/template/*.yaml; pick the closest "
+                      f"with template=<name> ({', '.join(available_templates())}) or add a YAML template.")
+
+
+def resolve_template(template_cfg: Mapping, model_template: str, tokenizer) -> Template:
+    """template=<name> wins; template=auto falls back to model.template, then to the tokenizer's own."""
+    if template_cfg["name"] != "auto":
+        return Template.from_mapping(template_cfg)
+    if model_template and model_template != "auto":
+        return load_template(model_template)
+    return identify_template(tokenizer)

@@ -1,0 +1,126 @@
+"""Load a tokenizer and a causal LM the way `hardware` and `lora` ask: device, dtype, attention, 4/8-bit.
+
+`model.name_or_path` is an embedded name (tiny, smollm2-135m), a local directory, or a hub id. A hub
+id is first looked up in the local Hugging Face cache; without a network it fails with one sentence
+instead of a stack of retries. `trust_remote_code` stays off unless the config turns it on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from medgpt.errors import ModelError
+from medgpt.modeling.embedded import EMBEDDED, embedded_path
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Placement:
+    device: str  # cpu | cuda | mps
+    dtype: torch.dtype
+    attn_implementation: str
+
+
+def resolve_placement(hw: DictConfig) -> Placement:
+    device = hw.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"hardware={hw.name} asks for a CUDA GPU and none is visible: use hardware=cpu (or hardware=auto).")
+    dtype = hw.dtype
+    if dtype == "auto":
+        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
+    attn = hw.attn_implementation
+    if attn in ("auto", "flash_attention_2"):
+        has_flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+        if attn == "flash_attention_2" and not has_flash:
+            log.warning("flash-attn is not available here (pip install 'medgpt[gpu]' on a CUDA machine); using sdpa attention")
+        attn = "flash_attention_2" if has_flash else "sdpa"
+    return Placement(device, DTYPES[dtype], attn)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str, revision: str | None = None) -> str:
+    """A local folder for `name_or_path`, converting embedded models on first use."""
+    if name_or_path in EMBEDDED:
+        return str(embedded_path(name_or_path, cache_dir))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model.name_or_path={name_or_path} is a folder without config.json: point it at a Hugging Face model folder.")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise ModelError(f"model.name_or_path={name_or_path} does not exist (neither a folder, an embedded model "
+                         f"({', '.join(EMBEDDED)}) nor a hub id like org/name).")
+    from huggingface_hub import snapshot_download
+
+    try:  # already in the local hub cache?
+        return snapshot_download(name_or_path, revision=revision, local_files_only=True)
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise ModelError(f"model {name_or_path} is not in the local Hugging Face cache and the hub cannot be reached: download it "
+                         f"where there is a network (huggingface-cli download {name_or_path}) and set model.name_or_path=<folder>.")
+    try:
+        return snapshot_download(name_or_path, revision=revision)
+    except Exception as e:
+        raise ModelError(f"could not download {name_or_path} from the hub ({type(e).__name__}: {e}).") from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:  # padding positions are masked out of every loss
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(kind: str | None, dtype: torch.dtype):
+    if not kind:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_model(path: str, placement: Placement, quantization: str | None = None, trust_remote_code: bool = False,
+               revision: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=placement.dtype, attn_implementation=placement.attn_implementation, trust_remote_code=trust_remote_code)
+    if quantization:
+        kwargs["quantization_config"] = quantization_config(quantization, placement.dtype)
+        kwargs["device_map"] = {"": 0} if placement.device == "cuda" else {"": placement.device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load the model from {path}: {e}") from None
+    if not quantization:
+        model.to(placement.device)
+    log.info("model: %s (%.1fM parameters, %s, %s, %s attention)", path, model.num_parameters() / 1e6, placement.device,
+             str(placement.dtype).removeprefix("torch."), placement.attn_implementation)
+    return model

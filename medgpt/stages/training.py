@@ -1,0 +1,174 @@
+"""What the training stages share: model set-up, Trainer arguments, evaluation, and saving artefacts.
+
+Kept to plain functions so that each stage still reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import Trainer, TrainingArguments
+
+from medgpt.data.templates import Template, resolve_template
+from medgpt.modeling.adapters import apply_adapter
+from medgpt.modeling.loader import Placement, load_model, load_tokenizer, resolve_model_path, resolve_placement
+from medgpt.tracking.metrics import MetricsCallback, MetricsWriter, perplexity
+from medgpt.tracking.plots import plot_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    placement: Placement
+    model_path: str
+    tokenizer: object
+    template: Template
+
+
+def prepare(cfg: DictConfig) -> Setup:
+    """Placement, model folder, tokenizer and template: everything the data needs before the model loads."""
+    placement = resolve_placement(cfg.hardware)
+    if cfg.lora.name == "none" and placement.dtype == torch.float16:
+        placement.dtype = torch.float32  # full fine-tuning keeps fp32 master weights; fp16 runs as autocast
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.paths.cache_dir, cfg.model.revision)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    template = resolve_template(cfg.template, cfg.model.template, tokenizer)
+    log.info("template: %s (stop %r)", template.name, template.stop_string(tokenizer.bos_token, tokenizer.eos_token))
+    return Setup(placement, model_path, tokenizer, template)
+
+
+def build_model(cfg: DictConfig, setup: Setup):
+    model = load_model(setup.model_path, setup.placement, cfg.lora.quantization, cfg.model.trust_remote_code, cfg.model.revision)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return apply_adapter(model, cfg.lora, cfg.model, cfg.hardware.gradient_checkpointing)
+
+
+def deepspeed_config(ds: DictConfig) -> dict | None:
+    """A ZeRO config with "auto" values that the Trainer fills from its own arguments."""
+    if ds.zero_stage == 0:
+        return None
+    zero: dict = {"stage": ds.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto"}
+
+
+def report_to(cfg: DictConfig, run_dir: Path) -> list[str]:
+    name = cfg.logger.name
+    if name == "wandb":
+        import os
+
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+        return ["wandb"]
+    if name == "tensorboard":
+        import os
+
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+        return ["tensorboard"]
+    return []
+
+
+def training_arguments(cfg: DictConfig, run_dir: Path, placement: Placement, has_eval: bool) -> TrainingArguments:
+    m, hw = cfg.method, cfg.hardware
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=hw.batch_size,
+        per_device_eval_batch_size=hw.eval_batch_size,
+        gradient_accumulation_steps=hw.grad_accum,
+        num_train_epochs=m.epochs,
+        max_steps=m.max_steps,
+        learning_rate=m.learning_rate,
+        lr_scheduler_type=m.lr_scheduler,
+        warmup_steps=m.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=m.weight_decay,
+        max_grad_norm=m.max_grad_norm,
+        logging_steps=m.logging_steps,
+        eval_strategy="steps" if has_eval and m.eval_steps > 0 else "no",
+        eval_steps=m.eval_steps if m.eval_steps > 0 else None,
+        save_strategy="steps" if m.save_steps > 0 else "no",
+        save_steps=m.save_steps if m.save_steps > 0 else 500,
+        save_total_limit=m.save_total_limit,
+        bf16=placement.dtype == torch.bfloat16 and placement.device != "cpu",
+        fp16=cfg.hardware.dtype == "fp16" and placement.device == "cuda",
+        use_cpu=placement.device == "cpu",
+        deepspeed=deepspeed_config(cfg.deepspeed),
+        report_to=report_to(cfg, run_dir),
+        run_name=run_dir.name,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=hw.num_workers,
+        remove_unused_columns=False,  # our collators decide what reaches the model
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, setup: Setup, model, train_ds, eval_ds, collator,
+                 trainer_cls: type[Trainer] = Trainer, **extra) -> Trainer:
+    args = training_arguments(cfg, run_dir, setup.placement, eval_ds is not None)
+    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    sequences_per_step = cfg.hardware.batch_size * cfg.hardware.grad_accum
+    return trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+                       processing_class=setup.tokenizer, callbacks=[MetricsCallback(writer, sequences_per_step)], **extra)
+
+
+def evaluate(trainer: Trainer) -> dict:
+    """eval_loss and eval_perplexity on the eval split (empty dict without one)."""
+    if trainer.eval_dataset is None:
+        return {}
+    metrics = trainer.evaluate()
+    return {"eval_loss": metrics["eval_loss"], "eval_perplexity": perplexity(metrics["eval_loss"])}
+
+
+def plan(cfg: DictConfig, train_examples: int, tokens: int) -> dict:
+    """Steps and tokens the run will do, printed before training starts."""
+    per_step = cfg.hardware.batch_size * cfg.hardware.grad_accum
+    steps_per_epoch = max(1, math.ceil(train_examples / per_step))
+    steps = cfg.method.max_steps if cfg.method.max_steps > 0 else math.ceil(steps_per_epoch * cfg.method.epochs)
+    return {"optimizer_steps": steps, "sequences_per_step": per_step,
+            "planned_tokens": int(tokens * min(1.0, steps / steps_per_epoch) if cfg.method.max_steps > 0 else tokens * cfg.method.epochs)}
+
+
+def save_artefacts(run_dir: Path, model, tokenizer, template: Template, cfg: DictConfig) -> Path:
+    """adapter/ (PEFT) or model/ (full weights), with the tokenizer and the chat template training used."""
+    is_adapter = cfg.lora.name != "none"
+    out = run_dir / ("adapter" if is_adapter else "model")
+    model.save_pretrained(out)
+    tokenizer.chat_template = template.to_jinja()
+    tokenizer.save_pretrained(out)
+    stop_ids = stop_token_ids(tokenizer, template)
+    (out / "medgpt_template.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(template.__dict__)))
+    if not is_adapter and getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stop_ids
+        model.generation_config.save_pretrained(out)
+    log.info("saved %s to %s", "adapter" if is_adapter else "model", out)
+    return out
+
+
+def stop_token_ids(tokenizer, template: Template) -> list[int]:
+    """Token ids that end an answer: the template's stop string when it is one token, and the eos token."""
+    ids = []
+    stop = template.stop_string(tokenizer.bos_token, tokenizer.eos_token)
+    encoded = tokenizer(stop, add_special_tokens=False)["input_ids"]
+    if len(encoded) == 1:
+        ids.append(encoded[0])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def finish_plots(run_dir: Path, title: str) -> None:
+    plot_loss(MetricsWriter(run_dir / "metrics.jsonl").rows(), run_dir / "plots" / "loss.png", title)

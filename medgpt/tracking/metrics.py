@@ -1,0 +1,81 @@
+"""metrics.jsonl: one JSON object per logging step, written as training goes (a crash keeps what was logged).
+
+Keys: step, epoch, loss, lr, grad_norm, tokens_per_s, samples_per_s, mem_gb, and eval_* rows
+(eval_loss, eval_perplexity). Stages may add their own (e.g. rewards/margins for DPO).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+RENAME = {"learning_rate": "lr"}
+DROP = {"total_flos", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second", "eval_model_preparation_time"}
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+    except ImportError:
+        return float("nan")
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+class MetricsWriter:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class MetricsCallback(TrainerCallback):
+    """Turns the Trainer's log events into metrics.jsonl rows with throughput and memory added."""
+
+    def __init__(self, writer: MetricsWriter, batch_size: int):
+        self.writer = writer
+        self.batch_size = batch_size  # sequences per optimiser step on this process
+        self._last = (time.perf_counter(), 0, 0)  # time, tokens seen, step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "train_loss" in logs:  # the Trainer's end-of-training aggregate goes to summary.json instead
+            return
+        row: dict = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "loss" in logs:
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            t0, tok0, step0 = self._last
+            elapsed = max(now - t0, 1e-9)
+            row.update(tokens_per_s=(tokens - tok0) / elapsed, samples_per_s=(state.global_step - step0) * self.batch_size / elapsed,
+                       tokens_seen=tokens)
+            self._last = (now, tokens, state.global_step)
+        for key, value in logs.items():
+            if key in DROP or key.endswith(("_runtime", "_samples_per_second", "_steps_per_second")):
+                continue
+            row[RENAME.get(key, key)] = value
+        if "eval_loss" in row:
+            row["eval_perplexity"] = perplexity(row["eval_loss"])
+        row["mem_gb"] = memory_gb()
+        self.writer.write(row)
