@@ -8,6 +8,7 @@ the rules that span groups (T4 has no bf16, QLoRA needs bitsandbytes, ...) befor
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -192,9 +193,25 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
 
 
+GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "deepspeed": DeepSpeedConfig,
+                 "hardware": HardwareConfig, "template": TemplateConfig, "logger": LoggerConfig}
+METHOD_SCHEMAS = {"pt": PTMethodConfig, "sft": SFTMethodConfig, "dpo": DPOMethodConfig}
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Keys forced in with `+group.key=...` bypass struct mode; refuse them here instead of ignoring them."""
+    schemas = dict(GROUP_SCHEMAS, method=METHOD_SCHEMAS.get(cfg.method.name, MethodConfig))
+    for group, schema in schemas.items():
+        known = {f.name for f in dataclasses.fields(schema)}
+        unknown = sorted(set(cfg[group].keys()) - known)
+        if unknown:
+            raise ConfigError(f"unknown key {group}.{unknown[0]} (known: {', '.join(sorted(known))}).")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules; raises ConfigError with one sentence naming the keys involved."""
     _choice("mode", cfg.mode, MODES)
+    check_known_keys(cfg)
     if cfg.mode != "train":
         return
     m, hw, lora, data = cfg.method, cfg.hardware, cfg.lora, cfg.data

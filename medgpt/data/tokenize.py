@@ -1,19 +1,24 @@
 """Dialogues to token ids with an exact label mask, and truncation that keeps whole turns.
 
-Each template segment is tokenised on its own (no special tokens added), so every token knows
-whether it belongs to a prompt or to an answer. Labels are -100 on prompt tokens (unless
-`train_on_inputs`) and on the separator after an answer; the answer and its stop string are trained.
+The template renders the dialogue message by message into segments that know their role in the
+mask (prompt, answer, stop, separator). The rendered text is tokenised ONCE, with character
+offsets, so the ids are exactly the ids serving will see for the same text (tokenising segments
+separately can change tokens at segment boundaries); each token takes the role of the segment it
+starts in, and is trained if it overlaps an answer or its stop string (so a stop string that merges
+with the next turn's first characters is still learned). Tokenizers without offsets (slow ones)
+fall back to tokenising segment by segment.
 
+Labels are -100 on prompt tokens (unless `train_on_inputs`) and on the separator after an answer.
 Truncation to `max_length`: whole (user, assistant) turns are dropped from the end while more than
-one remains; a single turn that is still too long keeps its answer's stop tokens, cuts the answer
-from the right and, if the prompt alone leaves no room for half the row, the prompt from the left.
+one remains; a single turn that is still too long keeps its stop tokens, cuts the answer from the
+right and, if the prompt leaves less than half the row, the prompt from the left.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medgpt.data.templates import Template
+from medgpt.data.templates import Segment, Template
 
 IGNORE = -100
 TRAINED = ("answer", "answer_end")
@@ -26,39 +31,55 @@ class Encoded:
     truncated: bool = False
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+Token = tuple[int, str, int]  # (id, segment kind, turn index; 0 = the head: prefix and system)
+
+
+def tokens_with_roles(turns: list[list[Segment]], tokenizer) -> list[Token]:
+    if not getattr(tokenizer, "is_fast", False):
+        return [(i, seg.kind, t) for t, turn in enumerate(turns) for seg in turn
+                for i in tokenizer(seg.text, add_special_tokens=False)["input_ids"]]
+    spans, text = [], ""
+    for turn_idx, turn in enumerate(turns):
+        for seg in turn:
+            spans.append((len(text), len(text) + len(seg.text), seg.kind, turn_idx))
+            text += seg.text
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    out: list[Token] = []
+    j = 0
+    for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        while j < len(spans) - 1 and spans[j][1] <= start:
+            j += 1
+        kind, turn = spans[j][2], spans[j][3]
+        k = j + 1
+        while kind not in TRAINED and k < len(spans) and spans[k][0] < end:  # overlaps a trained span?
+            kind = spans[k][2] if spans[k][2] in TRAINED else kind
+            k += 1
+        out.append((token_id, kind, turn))
+    return out
 
 
 def encode_dialogue(messages: list[dict], template: Template, tokenizer, max_length: int, train_on_inputs: bool = False) -> Encoded:
-    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-    turns = [[(_ids(tokenizer, s.text), s.kind) for s in turn] for turn in template.segments(messages, bos, eos)]
-    head, body = turns[0], turns[1:]
-    size = lambda segs: sum(len(ids) for ids, _ in segs)  # noqa: E731
+    turns = template.segments(messages, tokenizer.bos_token or "", tokenizer.eos_token or "")
+    tokens = tokens_with_roles(turns, tokenizer)
     truncated = False
-    while len(body) > 1 and size(head) + sum(map(size, body)) > max_length:
-        body.pop()
+    last_turn = max((t for _, _, t in tokens), default=0)
+    while len(tokens) > max_length and last_turn > 1:  # drop whole turns from the end
+        tokens = [tok for tok in tokens if tok[2] < last_turn]
+        last_turn -= 1
         truncated = True
-    if body and size(head) + size(body[0]) > max_length:
-        head, body = [], [_fit_turn(head + body[0], max_length)]
+    if len(tokens) > max_length:
+        tokens = _fit_turn(tokens, max_length)
         truncated = True
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for ids, kind in [seg for turn in [head] + body for seg in turn]:
-        input_ids += ids
-        labels += ids if (kind in TRAINED or (train_on_inputs and kind == "prompt")) else [IGNORE] * len(ids)
-    return Encoded(input_ids, labels, truncated)
+    labels = [i if (kind in TRAINED or (train_on_inputs and kind == "prompt")) else IGNORE for i, kind, _ in tokens]
+    return Encoded([i for i, _, _ in tokens], labels, truncated)
 
 
-def _fit_turn(segs: list[tuple[list[int], str]], max_length: int) -> list[tuple[list[int], str]]:
+def _fit_turn(tokens: list[Token], max_length: int) -> list[Token]:
     """One over-long turn: keep the stop tokens; cut the answer from the right, the prompt from the left."""
-    prompt = [t for ids, k in segs if k == "prompt" for t in ids]
-    answer = [t for ids, k in segs if k == "answer" for t in ids]
-    tail = [(ids, k) for ids, k in segs if k in ("answer_end", "turn_end")]
-    tail_len = sum(len(ids) for ids, _ in tail)
-    room = max_length - tail_len
+    prompt = [t for t in tokens if t[1] == "prompt"]
+    answer = [t for t in tokens if t[1] == "answer"]
+    tail = [t for t in tokens if t[1] in ("answer_end", "turn_end")]
+    room = max_length - len(tail)
     keep_prompt = min(len(prompt), max(room - len(answer), room // 2))
     prompt = prompt[len(prompt) - keep_prompt:]
-    answer = answer[: room - len(prompt)]
-    return [(prompt, "prompt"), (answer, "answer")] + tail
-
+    return prompt + answer[: room - len(prompt)] + tail

@@ -1,0 +1,68 @@
+"""Shared fixtures: the project root, Hydra compose, the tiny model's tokenizer, and a launch.py runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose(overrides: list[str] | None = None):
+    """The composed config for `overrides`, as `python launch.py <overrides>` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from medgpt.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return hydra_compose(config_name="config", overrides=overrides or [])
+
+
+def launch(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python launch.py args...` from the project root; returns the finished process (never raises)."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    from medgpt.modeling.embedded import embedded_path
+
+    return embedded_path("tiny", os.environ.get("MEDGPT_CACHE", str(Path.home() / ".cache" / "medgpt")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_path):
+    from medgpt.modeling.loader import load_tokenizer
+
+    return load_tokenizer(str(tiny_path))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return path
+
+
+def dialogue(i: int, turns: int = 1, system: str | None = None) -> dict:
+    conv = [{"from": "system", "value": system}] if system else []
+    for t in range(turns):
+        conv += [{"from": "human", "value": f"Question {i}.{t}: is a temperature of 38.{t} C a fever?"},
+                 {"from": "gpt", "value": f"Answer {i}.{t}: yes, 38.{t} C counts as a fever in adults; rest and drink fluids."}]
+    return {"conversations": conv}
