@@ -7,7 +7,7 @@ A stage is called as `stage(cfg, run_dir) -> summary dict`. Training stages are 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from medgpt.errors import ConfigError
 

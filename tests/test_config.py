@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF, compose, launch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose, launch
 from medgpt.config import validate
 from medgpt.errors import ConfigError
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import dialogue, write_jsonl
+
 from medgpt.data.formats import expand_files, load_records
 from medgpt.errors import DataError
 
@@ -104,6 +104,7 @@ def test_globs_expand_in_order(tmp_path):
 def test_the_three_sample_formats_hold_the_same_dialogues():
     """data=sharegpt, data=messages and data=alpaca ship the same 40 dialogues in three formats."""
     from conftest import ROOT, compose
+
     from medgpt.data.sft_data import load_dialogues
 
     loaded = {}

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import yaml
-
 from conftest import dialogue, launch, read_jsonl, write_jsonl
 
 
@@ -80,7 +79,8 @@ def test_saved_chat_template_is_the_training_template(smoke_run):
     run_dir, _ = smoke_run
     tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
     conv = [{"role": "user", "content": "Hi"}]
-    assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == load_template("chatml").render(conv, add_generation_prompt=True)
+    expected = load_template("chatml").render(conv, add_generation_prompt=True)
+    assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == expected
 
 
 def test_second_run_hits_the_tokenised_data_cache(smoke_run, data_file, tmp_path):

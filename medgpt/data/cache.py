@@ -13,8 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from datasets import Dataset, DatasetDict, disable_progress_bars, load_from_disk
 

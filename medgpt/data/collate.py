@@ -8,7 +8,7 @@ Padding inside a packed row forms its own block and is never in the loss.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import glob
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from medgpt.errors import DataError
 

@@ -14,9 +14,9 @@ vLLM format prompts exactly as training did; a test checks the two render identi
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import yaml
 
@@ -58,7 +58,7 @@ class Template:
     system_position: str = "turn"
 
     @classmethod
-    def from_mapping(cls, data: Mapping) -> "Template":
+    def from_mapping(cls, data: Mapping) -> Template:
         known = {f.name for f in fields(cls)}
         t = cls(**{k: v for k, v in dict(data).items() if k in known})
         for f in ("system", "user", "assistant"):

@@ -23,8 +23,16 @@ from medgpt.data.collate import PadCollator
 from medgpt.data.sft_data import build_sft_data
 from medgpt.modeling.generate import generate_answers
 from medgpt.registry import register
-from medgpt.stages.training import (build_model, evaluate, finish_plots, make_trainer, plan, prepare, save_artefacts,
-                                    stop_token_ids)
+from medgpt.stages.training import (
+    build_model,
+    evaluate,
+    finish_plots,
+    make_trainer,
+    plan,
+    prepare,
+    save_artefacts,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 

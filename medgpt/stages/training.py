@@ -95,6 +95,7 @@ def training_arguments(cfg: DictConfig, run_dir: Path, placement: Placement, has
         warmup_steps=m.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=m.weight_decay,
         max_grad_norm=m.max_grad_norm,
+        train_sampling_strategy="group_by_length" if m.group_by_length else "random",
         logging_steps=m.logging_steps,
         eval_strategy="steps" if has_eval and m.eval_steps > 0 else "no",
         eval_steps=m.eval_steps if m.eval_steps > 0 else None,
