@@ -29,6 +29,7 @@ class ModelConfig:
     target_modules: Optional[list[str]] = None  # LoRA targets for this architecture; null = all linear layers
     revision: Optional[str] = None
     trust_remote_code: bool = False  # runs code shipped with the model: only for sources you trust
+    init_from: Optional[str] = None  # a finished run directory to start from (its merged model, or base + adapter)
 
 
 @dataclass
@@ -146,6 +147,52 @@ class LoggerConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Sampling defaults for chat, predict, serve and webui (requests may override them)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+
+@dataclass
+class ServeConfig:
+    engine: str = "hf"  # hf (transformers; batches concurrent requests) | vllm (GPU, pip install 'medgpt[gpu]')
+    host: str = "127.0.0.1"  # 0.0.0.0 exposes the server to the network: set api_key then
+    port: int = 8000
+    api_key: Optional[str] = None  # bearer key required on /v1/* (env MEDGPT_API_KEY works too)
+    model_name: Optional[str] = None  # the id shown in /v1/models (default: the run's name)
+    max_batch_size: int = 8  # requests generated together in one batch (hf engine)
+    batch_wait_ms: int = 20  # how long the first request waits for others to join its batch
+    max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
+    webui_port: int = 7860
+    max_upload_kb: int = 200  # size limit of a document uploaded in the web UI
+    gpu_memory_utilization: float = 0.85  # vllm
+
+
+@dataclass
+class PredictConfig:
+    input: Optional[str] = None  # .txt (one prompt per line) or .jsonl (prompt | messages | conversations)
+    output: Optional[str] = None  # .jsonl; rows already there are skipped (resumable)
+    batch_size: int = 8
+
+
+@dataclass
+class MergeConfig:
+    dtype: str = "auto"  # auto (the training dtype) | fp32 | fp16 | bf16
+    parity_prompts: int = 3  # greedy outputs compared between adapter and merged model
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["pt", "sft", "dpo"])
+    merge: bool = True  # merge the last stage's adapter at the end
+
+
+@dataclass
 class PathsConfig:
     root: str = MISSING
     data_dir: str = MISSING
@@ -168,6 +215,11 @@ class Config:
     hardware: HardwareConfig = MISSING
     template: TemplateConfig = MISSING
     logger: LoggerConfig = MISSING
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def register_configs() -> None:

@@ -14,7 +14,13 @@ from medgpt.errors import ConfigError
 Stage = Callable[..., dict]
 STAGES: dict[str, Stage] = {}
 # Modules whose import fills the registry; kept lazy so composing a config never imports torch.
-STAGE_MODULES = ("medgpt.stages.sft", "medgpt.stages.pt", "medgpt.stages.dpo")
+STAGE_MODULES = ("medgpt.stages.sft", "medgpt.stages.pt", "medgpt.stages.dpo", "medgpt.serving.modes")
+
+
+def available() -> list[str]:
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+    return sorted(STAGES)
 
 
 def register(name: str) -> Callable[[Stage], Stage]:
@@ -28,8 +34,7 @@ def register(name: str) -> Callable[[Stage], Stage]:
 
 
 def get(name: str, kind: str = "method") -> Stage:
-    for module in STAGE_MODULES:
-        importlib.import_module(module)
+    names = available()
     if name not in STAGES:
-        raise ConfigError(f"{kind}={name} is not available (available: {', '.join(sorted(STAGES))}).")
+        raise ConfigError(f"{kind}={name} is not available (available: {', '.join(names)}).")
     return STAGES[name]

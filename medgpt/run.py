@@ -21,13 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from medgpt import registry
 from medgpt.config import MODES, validate
-from medgpt.errors import MedgptError
+from medgpt.errors import ConfigError, MedgptError
 from medgpt.tracking import rundir
 
 log = logging.getLogger("medgpt")
 
-TRAIN_MODES = ("train",)
-BUILT_MODES = ("train",)  # modes with a stage today; the rest of MODES arrive with their issues
 
 
 def _hydra_context() -> tuple[Path, list[str], bool]:
@@ -38,9 +36,8 @@ def _hydra_context() -> tuple[Path, list[str], bool]:
 def run(cfg: DictConfig) -> float | None:
     """Hydra task function; returns the metric a sweep optimises (eval loss, else train loss)."""
     run_dir, overrides, multirun = _hydra_context()
-    if cfg.mode not in BUILT_MODES:
-        known = ", ".join(MODES)
-        return _fail_fast(f"mode={cfg.mode} is not available yet (modes: {known}; built so far: {', '.join(BUILT_MODES)}).")
+    if cfg.mode != "train":
+        return _run_mode(cfg, run_dir)
     rundir.init_run_dir(run_dir, cfg, overrides)
     started = time.time()
     try:
@@ -70,11 +67,20 @@ def run(cfg: DictConfig) -> float | None:
     return summary.get("eval_loss", summary.get("train_loss"))
 
 
-def _fail_fast(message: str) -> None:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise MedgptError(message)
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+def _run_mode(cfg: DictConfig, log_dir: Path):
+    """Modes that read a finished run (merge, serve, chat, predict, ...): no new run directory, one-sentence errors."""
+    try:
+        validate(cfg)
+        names = registry.available()
+        if cfg.mode not in names:
+            built = ", ".join(m for m in MODES if m == "train" or m in names)
+            raise ConfigError(f"mode={cfg.mode} is not available yet (modes: {', '.join(MODES)}; built so far: {built}).")
+        return registry.get(cfg.mode, "mode")(cfg, log_dir)
+    except MedgptError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _seed(seed: int) -> None:

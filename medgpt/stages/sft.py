@@ -73,6 +73,7 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
     return {
         "stage": "sft",
         "model": cfg.model.name_or_path,
+        "base_model_path": setup.model_path,  # the folder the adapter applies to (serving loads it from here)
         "template": setup.template.name,
         "adapter": cfg.lora.name,
         "artefact": artefact.name,

@@ -1,0 +1,1 @@
+"""Inference modes (serve, chat, predict, webui) register here: `@register("serve")` with `fn(cfg, run_dir)`."""
