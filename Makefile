@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4"
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo test test-slow lint serve clean
+.PHONY: help install demo demo-pipeline test test-slow lint serve clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ install: $(VENV)/.installed ## create .venv: torch first, then medgpt[dev], then
 
 demo: install ## LoRA SFT of SmolLM2-135M on the demo dialogues (~10 min on 2 CPU cores); before/after report
 	$(PY) scripts/demo.py
+
+demo-pipeline: install ## PT -> SFT -> DPO on SmolLM2-135M, merged at the end (< 20 min on 2 CPU cores); per-stage report
+	$(PY) scripts/demo_pipeline.py
 
 test: install ## the fast suite on the tiny model (< 10 min on 2 CPU cores)
 	$(PY) -m pytest -q -m "not slow"

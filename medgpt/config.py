@@ -84,8 +84,9 @@ class DPOMethodConfig(MethodConfig):
     label_smoothing: float = 0.0
     reference: str = "auto"  # auto | base | <run dir>
     sft_weight: float = 0.0
-    precompute_reference: bool = False
+    precompute_reference: bool = False  # reference log-probs computed once before training (no reference forward per step)
     max_prompt_length: int = 256
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
 
 
 @dataclass
@@ -189,6 +190,8 @@ class MergeConfig:
 @dataclass
 class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["pt", "sft", "dpo"])
+    data: dict[str, str] = field(default_factory=lambda: {"pt": "pretrain_demo", "sft": "medical_demo", "dpo": "dpo_demo"})
+    overrides: dict[str, list[str]] = field(default_factory=dict)  # extra overrides per stage, e.g. {dpo: [method.beta=0.2]}
     merge: bool = True  # merge the last stage's adapter at the end
 
 
@@ -237,7 +240,7 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
-    for name, node in [("pt", PTMethodConfig), ("sft", SFTMethodConfig), ("dpo", DPOMethodConfig)]:
+    for name, node in [("pt", PTMethodConfig), ("sft", SFTMethodConfig), ("dpo", DPOMethodConfig), ("method", MethodConfig)]:
         cs.store(group="method", name=f"{name}_schema", node=node)
 
 

@@ -14,7 +14,8 @@ from medgpt.errors import ConfigError
 Stage = Callable[..., dict]
 STAGES: dict[str, Stage] = {}
 # Modules whose import fills the registry; kept lazy so composing a config never imports torch.
-STAGE_MODULES = ("medgpt.stages.sft", "medgpt.stages.pt", "medgpt.stages.dpo", "medgpt.serving.modes")
+STAGE_MODULES = ("medgpt.stages.sft", "medgpt.stages.pt", "medgpt.stages.dpo", "medgpt.stages.merge", "medgpt.stages.pipeline",
+                 "medgpt.serving.modes")
 
 
 def available() -> list[str]:

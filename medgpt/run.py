@@ -51,8 +51,7 @@ def run(cfg: DictConfig) -> float | None:
         rundir.finish(run_dir, "failed", {"wall_time_s": round(time.time() - started, 2)}, error=str(e))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("error: %s", e)
-        log.error("run directory (marked failed): %s", run_dir)
+        print(f"error: {e}\nrun directory (marked failed): {run_dir}", file=sys.stderr)
         if multirun:
             return float("nan")
         sys.exit(1)

@@ -105,11 +105,11 @@ def test_the_three_sample_formats_hold_the_same_dialogues():
     """data=sharegpt, data=messages and data=alpaca ship the same 40 dialogues in three formats."""
     from conftest import ROOT, compose
 
-    from medgpt.data.sft_data import load_dialogues
+    from medgpt.data.loading import load_train_eval
 
     loaded = {}
     for name in ("sharegpt", "messages", "alpaca"):
-        train, held, stats = load_dialogues(compose([f"data={name}"]).data, ROOT, seed=1)
+        train, held, stats = load_train_eval(compose([f"data={name}"]).data, ROOT, seed=1, stage="sft")
         assert stats["format"] == name and len(train) + len(held) == 40
         loaded[name] = [r.messages for r in train + held]
     assert loaded["sharegpt"] == loaded["messages"]

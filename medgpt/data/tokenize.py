@@ -83,3 +83,35 @@ def _fit_turn(tokens: list[Token], max_length: int) -> list[Token]:
     keep_prompt = min(len(prompt), max(room - len(answer), room // 2))
     prompt = prompt[len(prompt) - keep_prompt:]
     return prompt + answer[: room - len(prompt)] + tail
+
+
+@dataclass
+class EncodedResponse:
+    input_ids: list[int]
+    labels: list[int]  # only the final answer (and its stop string) is labelled
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+
+
+def encode_response(prompt: list[dict], response: str, template: Template, tokenizer, max_length: int,
+                    max_prompt_length: int) -> EncodedResponse:
+    """A prompt (ending with a user turn) plus one answer; for preference pairs.
+
+    A prompt longer than `max_prompt_length` is cut from the left so the answers survive; an answer
+    that still does not fit is cut from the right, keeping its stop tokens.
+    """
+    turns = template.segments(prompt + [{"role": "assistant", "content": response}], tokenizer.bos_token or "", tokenizer.eos_token or "")
+    tokens = tokens_with_roles(turns, tokenizer)
+    last = len(turns) - 1
+    split = next((i for i, (_, kind, turn) in enumerate(tokens) if turn == last and kind in TRAINED), len(tokens))
+    head, resp = tokens[:split], tokens[split:]
+    prompt_cut = len(head) > max_prompt_length
+    if prompt_cut:
+        head = head[len(head) - max_prompt_length:]
+    response_cut = len(head) + len(resp) > max_length
+    if response_cut:
+        tail = [t for t in resp if t[1] != "answer"]
+        resp = [t for t in resp if t[1] == "answer"][: max(0, max_length - len(head) - len(tail))] + tail
+    ids = [i for i, _, _ in head + resp]
+    labels = [IGNORE] * len(head) + [i if kind in TRAINED else IGNORE for i, kind, _ in resp]
+    return EncodedResponse(ids, labels, prompt_cut, response_cut)

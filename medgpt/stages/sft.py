@@ -23,16 +23,7 @@ from medgpt.data.collate import PadCollator
 from medgpt.data.sft_data import build_sft_data
 from medgpt.modeling.generate import generate_answers
 from medgpt.registry import register
-from medgpt.stages.training import (
-    build_model,
-    evaluate,
-    finish_plots,
-    make_trainer,
-    plan,
-    prepare,
-    save_artefacts,
-    stop_token_ids,
-)
+from medgpt.stages.training import build_model, common_summary, evaluate, finish_plots, make_trainer, plan, prepare, save_artefacts, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +57,7 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
     artefact = save_artefacts(run_dir, trainer.model, setup.tokenizer, setup.template, cfg)
     finish_plots(run_dir, f"{cfg.method.name} · {cfg.model.name} · {cfg.data.name}")
 
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens = trainer.state.num_input_tokens_seen
     samples = [{"question": q[-1]["content"], "reference": r.messages[-1]["content"], "before": b, "after": a}
                for q, r, b, a in zip(questions, data.eval_records, before_answers, after_answers)]
-    return {
-        "stage": "sft",
-        "model": cfg.model.name_or_path,
-        "base_model_path": setup.model_path,  # the folder the adapter applies to (serving loads it from here)
-        "template": setup.template.name,
-        "adapter": cfg.lora.name,
-        "artefact": artefact.name,
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "train_loss": losses[-1] if losses else None,
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_mean": result.training_loss,
-        "eval_loss_before": before_eval.get("eval_loss"),
-        "eval_loss": after_eval.get("eval_loss"),
-        "eval_perplexity": after_eval.get("eval_perplexity"),
-        "tokens_seen": tokens,
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else None,
-        "data": {**data.stats, "cache_hit": data.cache_hit},
-        "plan": estimate,
-        "samples": samples,
-    }
+    return {**common_summary(cfg, setup, trainer, before_eval, after_eval, train_seconds, artefact, data),
+            "train_loss_mean": result.training_loss, "plan": estimate, "samples": samples}

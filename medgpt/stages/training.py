@@ -15,10 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainingArguments
 
 from medgpt.data.templates import Template, resolve_template
+from medgpt.errors import ConfigError
 from medgpt.modeling.adapters import apply_adapter
-from medgpt.modeling.loader import Placement, load_model, load_tokenizer, resolve_model_path, resolve_placement
+from medgpt.modeling.loader import DTYPES, Placement, load_model, load_tokenizer, resolve_model_path, resolve_placement
 from medgpt.tracking.metrics import MetricsCallback, MetricsWriter, perplexity
 from medgpt.tracking.plots import plot_loss
+from medgpt.tracking.rundir import read_summary, resolve_run
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +28,69 @@ log = logging.getLogger(__name__)
 @dataclass
 class Setup:
     placement: Placement
-    model_path: str
+    model_path: str  # the weights training starts from (a base model, or a finished run's full weights)
     tokenizer: object
     template: Template
+    init_from: str | None = None  # the finished run this one starts from
+    root_model_path: str = ""  # the pretrained model at the start of the chain of runs
 
 
 def prepare(cfg: DictConfig) -> Setup:
-    """Placement, model folder, tokenizer and template: everything the data needs before the model loads."""
+    """Placement, starting weights, tokenizer and template: everything the data needs before the model loads."""
     placement = resolve_placement(cfg.hardware)
     if cfg.lora.name == "none" and placement.dtype == torch.float16:
         placement.dtype = torch.float32  # full fine-tuning keeps fp32 master weights; fp16 runs as autocast
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.paths.cache_dir, cfg.model.revision)
+    if cfg.deepspeed.zero_stage and placement.device != "cuda":
+        raise ConfigError(f"deepspeed={cfg.deepspeed.name} needs CUDA GPUs; use deepspeed=none here.")
+    init_from, saved_template = None, None
+    if cfg.model.init_from:  # start from a finished run: its merged (or fully fine-tuned) weights and its template
+        from medgpt.stages.merge import ensure_full_model, load_saved_template
+
+        run = resolve_run(cfg.model.init_from, Path(cfg.paths.output_dir))
+        model_path, init_from = str(ensure_full_model(run)), str(run)
+        saved_template = load_saved_template(Path(model_path))
+        prior = read_summary(run)
+        root = prior.get("root_model_path") or prior.get("base_model_path") or model_path
+        log.info("starting from run %s (%s)", run, model_path)
+    else:
+        model_path = resolve_model_path(cfg.model.name_or_path, cfg.paths.cache_dir, cfg.model.revision)
+        root = model_path
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    template = resolve_template(cfg.template, cfg.model.template, tokenizer)
+    if saved_template is not None and cfg.template.name == "auto":
+        template = saved_template
+    else:
+        template = resolve_template(cfg.template, cfg.model.template, tokenizer)
     log.info("template: %s (stop %r)", template.name, template.stop_string(tokenizer.bos_token, tokenizer.eos_token))
-    return Setup(placement, model_path, tokenizer, template)
+    return Setup(placement, model_path, tokenizer, template, init_from, root)
+
+
+def common_summary(cfg: DictConfig, setup: Setup, trainer: Trainer, before: dict, after: dict, train_seconds: float,
+                   artefact: Path, data) -> dict:
+    """summary.json fields every training stage reports."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens = trainer.state.num_input_tokens_seen
+    return {
+        "stage": cfg.method.name,
+        "model": cfg.model.name_or_path,
+        "init_from": setup.init_from,
+        "base_model_path": setup.model_path,  # the folder the adapter applies to (serving and merging load it)
+        "root_model_path": setup.root_model_path,
+        "dtype": next(k for k, v in DTYPES.items() if v == setup.placement.dtype),
+        "template": setup.template.name,
+        "adapter": cfg.lora.name,
+        "artefact": artefact.name,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "train_loss": losses[-1] if losses else None,
+        "train_loss_first": losses[0] if losses else None,
+        "eval_loss_before": before.get("eval_loss"),
+        "eval_loss": after.get("eval_loss"),
+        "eval_perplexity": after.get("eval_perplexity"),
+        "tokens_seen": tokens,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else None,
+        "data": {**data.stats, "cache_hit": data.cache_hit},
+    }
 
 
 def build_model(cfg: DictConfig, setup: Setup):
@@ -123,7 +173,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path, setup: Setup, model, train_ds, 
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     sequences_per_step = cfg.hardware.batch_size * cfg.hardware.grad_accum
     return trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                       processing_class=setup.tokenizer, callbacks=[MetricsCallback(writer, sequences_per_step)], **extra)
+                       processing_class=setup.tokenizer,
+                       callbacks=[MetricsCallback(writer, sequences_per_step, perplexity=trainer_cls is Trainer)], **extra)
 
 
 def evaluate(trainer: Trainer) -> dict:

@@ -51,8 +51,9 @@ class MetricsWriter:
 class MetricsCallback(TrainerCallback):
     """Turns the Trainer's log events into metrics.jsonl rows with throughput and memory added."""
 
-    def __init__(self, writer: MetricsWriter, batch_size: int):
+    def __init__(self, writer: MetricsWriter, batch_size: int, perplexity: bool = True):
         self.writer = writer
+        self.perplexity = perplexity  # exp(eval_loss) means something for language-modelling losses only
         self.batch_size = batch_size  # sequences per optimiser step on this process
         self._last = (time.perf_counter(), 0, 0)  # time, tokens seen, step
 
@@ -75,7 +76,7 @@ class MetricsCallback(TrainerCallback):
             if key in DROP or key.endswith(("_runtime", "_samples_per_second", "_steps_per_second")):
                 continue
             row[RENAME.get(key, key)] = value
-        if "eval_loss" in row:
+        if "eval_loss" in row and self.perplexity:
             row["eval_perplexity"] = perplexity(row["eval_loss"])
         row["mem_gb"] = memory_gb()
         self.writer.write(row)

@@ -1,0 +1,63 @@
+"""Train/eval records for any stage: data.train_files, then data.eval_files or a held-out data.eval_split."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from medgpt.data.formats import Record, expand_files, load_records
+from medgpt.errors import DataError
+
+STAGE_FORMATS = {
+    "sft": ("sharegpt", "messages", "alpaca"),
+    "pt": ("text",),
+    "dpo": ("preference",),
+}
+STAGE_FOR_FORMAT = {"text": "pt", "preference": "dpo", "sharegpt": "sft", "messages": "sft", "alpaca": "sft"}
+
+
+def eval_limit(max_samples: int | None) -> int | None:
+    return None if max_samples is None else max(8, max_samples // 4)
+
+
+def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Deterministic hold-out of `fraction` of the records (at least one, never all)."""
+    if fraction <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(records) * fraction)), len(records) - 1)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def load_train_eval(data: DictConfig, root: Path, seed: int, stage: str) -> tuple[list[Record], list[Record], dict]:
+    """(train records, eval records, stats); refuses data whose format the stage cannot train on."""
+    train_files = expand_files(list(data.train_files), root)
+    train, report, fmt = load_records(train_files, data.format, data.columns, data.on_error, data.system_prompt, data.max_samples)
+    if fmt not in STAGE_FORMATS[stage]:
+        raise DataError(f"{train_files[0]}: holds {fmt} data, but method={stage} needs {' or '.join(STAGE_FORMATS[stage])} data; "
+                        f"use method={STAGE_FOR_FORMAT[fmt]} or another data file.")
+    stats = {"format": fmt, "skipped": report.skipped}
+    if data.eval_files:
+        held, eval_report, _ = load_records(expand_files(list(data.eval_files), root), fmt, data.columns, data.on_error,
+                                            data.system_prompt, eval_limit(data.max_samples))
+        stats["skipped"] += eval_report.skipped
+    else:
+        train, held = split_records(train, data.eval_split, seed)
+    return train, held, stats
+
+
+def data_files(data: DictConfig, root: Path) -> list[Path]:
+    return expand_files(list(data.train_files) + list(data.eval_files), root)
+
+
+def cache_settings(cfg: DictConfig, kind: str, template, tokenizer_fp: str) -> dict:
+    """Everything besides file contents that changes the tokens of a stage's dataset."""
+    d = cfg.data
+    return {"kind": kind, "format": d.format, "columns": dict(d.columns), "max_samples": d.max_samples, "eval_split": d.eval_split,
+            "system_prompt": d.system_prompt, "seed": cfg.seed, "template": template.__dict__, "tokenizer": tokenizer_fp,
+            "method": {k: v for k, v in cfg.method.items() if k in ("max_length", "max_prompt_length", "train_on_inputs", "packing",
+                                                                     "drop_last_block")}}

@@ -1,0 +1,160 @@
+"""Preference losses (DPO and its variants), sequence log-probs, reference models and the trainer that uses them.
+
+Losses (`method.loss`), with Δ = (log π(y_c) − log π(y_r)) − (log π_ref(y_c) − log π_ref(y_r)) on summed log-probs:
+  sigmoid  DPO (Rafailov et al. 2023): −log σ(βΔ)·(1−ε) − log σ(−βΔ)·ε   (ε = label_smoothing: cDPO)
+  robust   robust DPO (Chowdhury et al. 2024): (−log σ(βΔ)·(1−ε) + log σ(−βΔ)·ε) / (1 − 2ε)
+  hinge    SLiC (Zhao et al. 2023): max(0, 1 − βΔ)
+  ipo      IPO (Azar et al. 2023): (Δ̄ − 1/(2β))², Δ̄ on per-token average log-probs
+  orpo     ORPO (Hong et al. 2024), no reference: NLL(y_c) − β·log σ(log-odds(p̄_c) − log-odds(p̄_r)), p̄ = exp(mean log-prob)
+  simpo    SimPO (Meng et al. 2024), no reference: −log σ(β(ℓ̄_c − ℓ̄_r) − γ), ℓ̄ = mean log-prob
+`method.sft_weight` adds w·NLL(y_c) (per-token mean) to any of them. Rewards follow TRL's conventions:
+β·(log π − log π_ref) with a reference, β·ℓ̄ without.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from medgpt.data.tokenize import IGNORE
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FREE = ("orpo", "simpo")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled tokens of each row, and how many tokens were labelled."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    picked = torch.gather(logits, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+@dataclass
+class LossInputs:
+    chosen: torch.Tensor  # summed log-probs under the policy
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    ref_chosen: torch.Tensor | None = None  # summed log-probs under the reference (None: reference-free loss)
+    ref_rejected: torch.Tensor | None = None
+
+
+def preference_loss(x: LossInputs, loss: str, beta: float, label_smoothing: float = 0.0, sft_weight: float = 0.0,
+                    simpo_gamma: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(mean loss, per-pair metrics) for one batch of pairs."""
+    eps = label_smoothing
+    avg_c, avg_r = x.chosen / x.chosen_tokens, x.rejected / x.rejected_tokens
+    nll = -avg_c
+    if loss in REFERENCE_FREE:
+        reward_c, reward_r = beta * avg_c.detach(), beta * avg_r.detach()
+        if loss == "orpo":
+            log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+            losses = nll - beta * F.logsigmoid(log_odds)
+        else:
+            z = beta * (avg_c - avg_r) - simpo_gamma
+            losses = -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
+    else:
+        delta = (x.chosen - x.rejected) - (x.ref_chosen - x.ref_rejected)
+        reward_c, reward_r = beta * (x.chosen - x.ref_chosen).detach(), beta * (x.rejected - x.ref_rejected).detach()
+        if loss == "sigmoid":
+            losses = -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
+        elif loss == "robust":
+            losses = (-F.logsigmoid(beta * delta) * (1 - eps) + F.logsigmoid(-beta * delta) * eps) / (1 - 2 * eps)
+        elif loss == "hinge":
+            losses = torch.relu(1 - beta * delta)
+        elif loss == "ipo":
+            delta_avg = (avg_c - avg_r) - (x.ref_chosen / x.chosen_tokens - x.ref_rejected / x.rejected_tokens)
+            losses = (delta_avg - 1 / (2 * beta)) ** 2
+        else:
+            raise ValueError(f"unknown preference loss {loss!r}")
+    if sft_weight:
+        losses = losses + sft_weight * nll
+    metrics = {"rewards/chosen": reward_c, "rewards/rejected": reward_r, "rewards/margins": reward_c - reward_r,
+               "rewards/accuracies": (reward_c > reward_r).float(), "logps/chosen": x.chosen.detach(),
+               "logps/rejected": x.rejected.detach(), "nll/chosen": nll.detach()}
+    return losses.mean(), metrics
+
+
+class Reference:
+    """Where reference log-probs come from: the policy with its adapter disabled, a frozen model, or nowhere."""
+
+    def __init__(self, kind: str, description: str, model=None):
+        self.kind, self.description, self.model = kind, description, model  # kind: adapter-disabled | frozen | none
+
+    @torch.no_grad()
+    def logps(self, policy, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.kind == "none":
+            return None
+        if self.kind == "adapter-disabled":
+            with policy.disable_adapter():
+                logits = policy(**_model_inputs(batch)).logits
+        else:
+            logits = self.model(**_model_inputs(batch)).logits
+        logps, _ = sequence_logps(logits, batch["labels"])
+        half = logps.shape[0] // 2
+        return logps[:half], logps[half:]
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "description": self.description}
+
+
+def frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch} | {"use_cache": False}
+
+
+class PreferenceTrainer(Trainer):
+    """A Trainer whose loss is a preference loss over stacked [chosen; rejected] rows; logs reward metrics."""
+
+    loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let the Trainer divide by gradient accumulation
+
+    def __init__(self, *args, method, reference: Reference, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method, self.reference = method, reference
+        self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def loss_inputs(self, model, batch: dict) -> LossInputs:
+        logps, tokens = sequence_logps(model(**_model_inputs(batch)).logits, batch["labels"])
+        half = logps.shape[0] // 2
+        x = LossInputs(logps[:half], logps[half:], tokens[:half].clamp(min=1), tokens[half:].clamp(min=1))
+        if "ref_chosen_logps" in batch:
+            x.ref_chosen, x.ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif self.reference.kind != "none":
+            x.ref_chosen, x.ref_rejected = self.reference.logps(model, batch)
+        return x
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        m = self.method
+        loss, metrics = preference_loss(self.loss_inputs(model, inputs), m.loss, m.beta, m.label_smoothing, m.sft_weight, m.simpo_gamma)
+        split = self._stored["train" if model.training else "eval"]
+        for key, values in metrics.items():
+            split[key].extend(values.float().cpu().tolist())
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in self._stored[split].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._stored[split].clear()
+        super().log(logs, start_time)
