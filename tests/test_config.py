@@ -91,7 +91,9 @@ def test_cli_composes_and_rejects_typo():
     assert bad.returncode != 0 and "learnin_rate" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_unknown_mode_lists_modes():
+def test_unknown_or_unbuilt_mode_lists_modes():
     res = launch("mode=dance", "model=tiny")
     assert res.returncode == 1
-    assert "mode=dance" in res.stderr and "train" in res.stderr and "Traceback" not in res.stderr
+    assert "mode='dance'" in res.stderr and "train, serve" in res.stderr and "Traceback" not in res.stderr
+    res = launch("mode=compare", "run=latest")
+    assert res.returncode == 1 and "mode=compare is not available yet" in res.stderr and "merge" in res.stderr
