@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from datasets import Dataset
 from omegaconf import DictConfig
 
-from medgpt.data.cache import cached_datasets, content_key, tokenizer_fingerprint
-from medgpt.data.loading import cache_settings, data_files, load_train_eval
-from medgpt.data.sft_data import StageData
+from medgpt.data.loading import StageData, tokenised_splits
 from medgpt.data.templates import Template
 from medgpt.data.tokenize import encode_response
 from medgpt.errors import DataError
@@ -41,19 +38,10 @@ def encode_pairs(records, template: Template, tokenizer, max_length: int, max_pr
 
 
 def build_dpo_data(cfg: DictConfig, tokenizer, template: Template) -> StageData:
-    root, m = Path(cfg.paths.root), cfg.method
-    train_rec, eval_rec, stats = load_train_eval(cfg.data, root, cfg.seed, "dpo")
-    key = content_key(data_files(cfg.data, root), cache_settings(cfg, "dpo", template, tokenizer_fingerprint(tokenizer)))
-
-    def build():
-        splits, split_stats = {}, {}
-        for name, recs in (("train", train_rec), ("eval", eval_rec)):
-            if recs:
-                splits[name], split_stats[name] = encode_pairs(recs, template, tokenizer, m.max_length, m.max_prompt_length)
-        return splits, split_stats
-
-    splits, split_stats, hit = cached_datasets(Path(cfg.paths.cache_dir), key, build)
-    train = split_stats["train"]
+    m = cfg.method
+    data = tokenised_splits(cfg, "dpo", tokenizer, template,
+                            lambda recs, split: encode_pairs(recs, template, tokenizer, m.max_length, m.max_prompt_length))
+    train = data.stats["train"]
     if train["identical_pairs"]:
         log.warning("data: %d pairs with chosen identical to rejected were dropped", train["identical_pairs"])
     if train["prompt_truncated"]:
@@ -61,6 +49,6 @@ def build_dpo_data(cfg: DictConfig, tokenizer, template: Template) -> StageData:
                  m.max_prompt_length)
     if not train["examples"]:
         raise DataError(f"{cfg.data.train_files[0]}: no usable preference pairs (all {train['identical_pairs']} had chosen == rejected).")
-    log.info("data: %d train / %d eval preference pairs%s", train["examples"], split_stats.get("eval", {}).get("examples", 0),
-             " [tokenised-data cache hit]" if hit else "")
-    return StageData(splits["train"], splits.get("eval"), eval_rec, {**stats, **split_stats}, hit)
+    log.info("data: %d train / %d eval preference pairs%s", train["examples"], data.stats.get("eval", {}).get("examples", 0),
+             " [tokenised-data cache hit]" if data.cache_hit else "")
+    return data

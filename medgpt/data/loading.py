@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from datasets import Dataset
 from omegaconf import DictConfig
 
+from medgpt.data.cache import cached_datasets, content_key, tokenizer_fingerprint
 from medgpt.data.formats import Record, expand_files, load_records
 from medgpt.errors import DataError
 
@@ -61,3 +65,32 @@ def cache_settings(cfg: DictConfig, kind: str, template, tokenizer_fp: str) -> d
             "system_prompt": d.system_prompt, "seed": cfg.seed, "template": template.__dict__, "tokenizer": tokenizer_fp,
             "method": {k: v for k, v in cfg.method.items() if k in ("max_length", "max_prompt_length", "train_on_inputs", "packing",
                                                                      "drop_last_block")}}
+
+
+@dataclass
+class StageData:
+    train: Dataset
+    eval: Dataset | None
+    eval_records: list[Record]  # held-out records (SFT: for the before/after sample answers)
+    stats: dict  # format, skipped records, and per split: examples, tokens, truncation counts, ...
+    cache_hit: bool
+
+
+Encoder = Callable[[list[Record], str], tuple[Dataset, dict]]  # (records, split name) -> (dataset, stats)
+
+
+def tokenised_splits(cfg: DictConfig, stage: str, tokenizer, template, encode: Encoder) -> StageData:
+    """Records of both splits, encoded by `encode` once and then served from the content-hash cache."""
+    root = Path(cfg.paths.root)
+    train_rec, eval_rec, stats = load_train_eval(cfg.data, root, cfg.seed, stage)
+    key = content_key(data_files(cfg.data, root), cache_settings(cfg, stage, template, tokenizer_fingerprint(tokenizer)))
+
+    def build():
+        splits, split_stats = {}, {}
+        for name, recs in (("train", train_rec), ("eval", eval_rec)):
+            if recs:
+                splits[name], split_stats[name] = encode(recs, name)
+        return splits, split_stats
+
+    splits, split_stats, hit = cached_datasets(Path(cfg.paths.cache_dir), key, build)
+    return StageData(splits["train"], splits.get("eval"), eval_rec, {**stats, **split_stats}, hit)

@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 from datasets import Dataset
 from omegaconf import DictConfig
 
-from medgpt.data.cache import cached_datasets, content_key, tokenizer_fingerprint
 from medgpt.data.collate import pack
 from medgpt.data.formats import Record
-from medgpt.data.loading import cache_settings, data_files, load_train_eval
+from medgpt.data.loading import StageData, tokenised_splits
 from medgpt.data.templates import Template
 from medgpt.data.tokenize import IGNORE, encode_dialogue
 from medgpt.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StageData:
-    train: Dataset
-    eval: Dataset | None
-    eval_records: list[Record]  # held-out records (SFT: for the before/after sample answers)
-    stats: dict
-    cache_hit: bool
 
 
 def _encode_all(records: list[Record], template: Template, tokenizer, max_length: int, train_on_inputs: bool) -> tuple[Dataset, dict]:
@@ -50,26 +38,19 @@ def _encode_all(records: list[Record], template: Template, tokenizer, max_length
 
 
 def build_sft_data(cfg: DictConfig, tokenizer, template: Template) -> StageData:
-    root = Path(cfg.paths.root)
     m = cfg.method
-    train_rec, eval_rec, stats = load_train_eval(cfg.data, root, cfg.seed, "sft")
-    key = content_key(data_files(cfg.data, root), cache_settings(cfg, "sft", template, tokenizer_fingerprint(tokenizer)))
 
-    def build():
-        splits, split_stats = {}, {}
-        for name, recs in (("train", train_rec), ("eval", eval_rec)):
-            if not recs:
-                continue
-            ds, s = _encode_all(recs, template, tokenizer, m.max_length, m.train_on_inputs)
-            if name == "train" and m.packing:
-                ds = Dataset.from_list(pack(ds, m.max_length))
-                s["packed_rows"] = len(ds)
-            splits[name], split_stats[name] = ds, s
-        return splits, split_stats
+    def encode(records: list[Record], split: str) -> tuple[Dataset, dict]:
+        ds, stats = _encode_all(records, template, tokenizer, m.max_length, m.train_on_inputs)
+        if split == "train" and m.packing:
+            ds = Dataset.from_list(pack(ds, m.max_length))
+            stats["packed_rows"] = len(ds)
+        return ds, stats
 
-    splits, split_stats, hit = cached_datasets(Path(cfg.paths.cache_dir), key, build)
-    log.info("data: %d train / %d eval examples (%s)%s", split_stats["train"]["examples"],
-             split_stats.get("eval", {}).get("examples", 0), stats["format"], " [tokenised-data cache hit]" if hit else "")
-    if split_stats["train"]["truncated"]:
-        log.info("data: %d training examples truncated to method.max_length=%d", split_stats["train"]["truncated"], m.max_length)
-    return StageData(splits["train"], splits.get("eval"), eval_rec, {**stats, **split_stats}, hit)
+    data = tokenised_splits(cfg, "sft", tokenizer, template, encode)
+    train = data.stats["train"]
+    log.info("data: %d train / %d eval examples (%s)%s", train["examples"], data.stats.get("eval", {}).get("examples", 0),
+             data.stats["format"], " [tokenised-data cache hit]" if data.cache_hit else "")
+    if train["truncated"]:
+        log.info("data: %d training examples truncated to method.max_length=%d", train["truncated"], m.max_length)
+    return data
