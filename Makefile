@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4"
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo demo-pipeline test test-slow lint serve clean
+.PHONY: help install demo demo-pipeline test test-slow lint serve browser clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,16 @@ test: install ## the fast suite on the tiny model (< 10 min on 2 CPU cores)
 
 test-slow: install ## end-to-end runs on the embedded SmolLM2-135M (minutes)
 	$(PY) -m pytest -q -m slow
+
+serve: install ## serve the newest completed run under outputs/ (or the embedded SmolLM2-135M) at http://127.0.0.1:8000/v1; ARGS="serve.port=..."
+	@run=$$($(PY) -c 'from medgpt.tracking.rundir import resolve_run; print(resolve_run("latest", "outputs"))' 2>/dev/null || true); \
+	if [ -n "$$run" ]; then echo "make serve: the newest completed run, $$run"; set -- "run=$$run"; \
+	else echo "make serve: no completed run under outputs/; serving the embedded smollm2-135m"; set --; fi; \
+	$(PY) launch.py mode=serve "$$@" $(ARGS)
+
+browser: ## install headless Chromium + chromedriver for the web UI browser test (Debian/Ubuntu, as root)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check medgpt tests launch.py scripts

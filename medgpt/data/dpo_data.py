@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def encode_pairs(records, template: Template, tokenizer, max_length: int, max_prompt_length: int) -> tuple[Dataset, dict]:
-    cols: dict[str, list] = {"chosen_input_ids": [], "chosen_labels": [], "rejected_input_ids": [], "rejected_labels": []}
+    cols: dict[str, list] = {"chosen_input_ids": [], "chosen_labels": [], "rejected_input_ids": [], "rejected_labels": [], "length": []}
     stats = {"examples": 0, "identical_pairs": 0, "prompt_truncated": 0, "response_truncated": 0, "tokens": 0}
     for rec in records:
         if rec.chosen.strip() == rec.rejected.strip():
@@ -33,6 +33,7 @@ def encode_pairs(records, template: Template, tokenizer, max_length: int, max_pr
             cols[f"{side}_input_ids"].append(enc.input_ids)
             cols[f"{side}_labels"].append(enc.labels)
             stats["tokens"] += len(enc.input_ids)
+        cols["length"].append(max(len(chosen.input_ids), len(rejected.input_ids)))  # for method.group_by_length
         stats["examples"] += 1
     return Dataset.from_dict(cols), stats
 

@@ -1,0 +1,204 @@
+"""The OpenAI-compatible HTTP API (mode=serve): FastAPI over one engine.
+
+    GET  /v1/models                 the served model
+    POST /v1/chat/completions       messages -> answer (stream=true: Server-Sent Events)
+    POST /v1/completions            raw prompt(s) -> continuation
+    GET  /health                    {"status": "ok", ...} (no key needed)
+    GET  /metrics                   Prometheus text (no key needed)
+
+Streams are `data: {json}\\n\\n` chunks ending with `data: [DONE]\\n\\n`. With `api_key` set, /v1/* needs
+`Authorization: Bearer <key>` (401 otherwise). Bad requests get a 400 with a JSON error body naming
+the field; a client that disconnects mid-stream cancels its generation, which frees its batch slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medgpt.data.templates import ROLES
+from medgpt.errors import DataError
+from medgpt.serving.engine import Delta, Handle, sampling_params
+from medgpt.serving.metrics import Metrics
+from medgpt.serving.protocol import ChatRequest, CompletionRequest, RequestError, error_response, first_validation_error
+
+log = logging.getLogger(__name__)
+
+
+def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit: int = 1024) -> FastAPI:
+    """`loaded`: medgpt.serving.loading.Loaded; `generation`: the config's sampling defaults."""
+    app = FastAPI(title="medgpt", version="1", docs_url="/docs", redoc_url=None)
+    metrics = Metrics()
+    model_id = loaded.artefacts.name
+    created = int(time.time())
+    app.state.loaded, app.state.metrics = loaded, metrics
+
+    # --- errors: always {"error": {...}}, never a bare 422 or a stack trace ---
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        param, message = first_validation_error(exc.errors())
+        metrics.observe(request.url.path, 400)
+        return error_response(400, message, param, code="invalid_value")
+
+    @app.exception_handler(RequestError)
+    async def _refused(request: Request, exc: RequestError):
+        metrics.observe(request.url.path, exc.status)
+        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        metrics.observe(request.url.path, exc.status_code)
+        kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), None, kind, headers=getattr(exc, "headers", None))
+
+    def require_key(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise StarletteHTTPException(401, "a valid API key is required: send the header 'Authorization: Bearer <serve.api_key>'",
+                                         headers={"WWW-Authenticate": "Bearer"})
+
+    # --- open endpoints ---
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": model_id, "engine": loaded.engine.name, **loaded.engine.stats()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus():
+        return PlainTextResponse(metrics.render(loaded.engine.stats()), media_type="text/plain; version=0.0.4")
+
+    # --- the OpenAI API ---
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    def models():
+        a = loaded.artefacts
+        card = {"id": model_id, "object": "model", "created": created, "owned_by": "medgpt", "root": a.model_path,
+                "adapter": a.adapter_path, "template": a.template.name, "max_model_len": loaded.context_length}
+        return {"object": "list", "data": [card]}
+
+    def params_for(body, prompt_len: int, prompt_param: str):
+        if body.model not in (None, "", model_id):
+            raise RequestError("model", f"model {body.model!r} is not served here (this server serves {model_id!r}).", 404,
+                               code="model_not_found")
+        room = loaded.context_length - prompt_len
+        if room <= 0:
+            raise RequestError(prompt_param, f"{prompt_param}: the prompt has {prompt_len} tokens, more than the model's context of "
+                               f"{loaded.context_length} tokens allows; shorten it.", code="context_length_exceeded")
+        wanted = body.wanted_tokens()
+        if wanted is not None and wanted > max_tokens_limit:
+            raise RequestError("max_tokens", f"max_tokens: {wanted} is above this server's limit of {max_tokens_limit}.")
+        if wanted is not None and wanted > room:
+            raise RequestError("max_tokens", f"max_tokens: the prompt ({prompt_len} tokens) plus max_tokens ({wanted}) exceeds the "
+                               f"model's context of {loaded.context_length} tokens.", code="context_length_exceeded")
+        default = min(generation.max_new_tokens, max_tokens_limit, room)
+        return sampling_params(generation, max_tokens=wanted or default, temperature=body.temperature, top_p=body.top_p,
+                               top_k=body.top_k, repetition_penalty=body.repetition_penalty, stop=body.stop, seed=body.seed)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(body: ChatRequest, request: Request):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = loaded.chat_ids(messages)
+        except DataError as e:
+            raise RequestError("messages", f"messages: {e} (roles: {', '.join(ROLES)}; a system message may only come first).") from None
+        params = params_for(body, len(ids), "messages")
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        handle = loaded.engine.submit(ids, params, loop=asyncio.get_running_loop())
+        return await respond(request, body, handle, rid, "chat.completion", time.monotonic())
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(body: CompletionRequest, request: Request):
+        prompts = body.prompts()
+        if body.stream and len(prompts) > 1:
+            raise RequestError("prompt", "prompt: streaming takes a single prompt.")
+        encoded = [loaded.text_ids(p) for p in prompts]
+        params = [params_for(body, len(ids), "prompt") for ids in encoded]
+        loop = asyncio.get_running_loop()
+        handles = [loaded.engine.submit(ids, p, loop=loop) for ids, p in zip(encoded, params)]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        return await respond(request, body, handles[0] if body.stream else handles, rid, "text_completion", time.monotonic())
+
+    async def respond(request: Request, body, handles, rid: str, kind: str, started: float):
+        endpoint = request.url.path
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(handles, rid, kind, include_usage, endpoint, started), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        handles = handles if isinstance(handles, list) else [handles]
+        try:
+            results = [await collect(h) for h in handles]
+        finally:
+            for h in handles:
+                h.cancel()  # no-op for finished requests; stops the rest if this task was cancelled (client gone)
+        failed = next((d for d in results if d.finish_reason == "error"), None)
+        if failed:
+            metrics.observe(endpoint, 500)
+            return error_response(500, f"generation failed: {failed.error}", None, "server_error")
+        usage = {"prompt_tokens": sum(d.prompt_tokens for d in results), "completion_tokens": sum(d.completion_tokens for d in results)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        metrics.observe(endpoint, 200, time.monotonic() - started, usage["prompt_tokens"], usage["completion_tokens"])
+        if kind == "chat.completion":
+            choices = [{"index": 0, "message": {"role": "assistant", "content": results[0].text}, "logprobs": None,
+                        "finish_reason": results[0].finish_reason}]
+        else:
+            choices = [{"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason} for i, d in enumerate(results)]
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": model_id, "choices": choices, "usage": usage}
+
+    async def collect(handle: Handle) -> Delta:
+        parts, last = [], None
+        async for last in handle:
+            parts.append(last.text)
+        return Delta("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
+
+    async def sse(handle: Handle, rid: str, kind: str, include_usage: bool, endpoint: str, started: float):
+        chat = kind == "chat.completion"
+        obj, now = ("chat.completion.chunk" if chat else "text_completion"), int(time.time())
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": now, "model": model_id, "choices": [choice]}) + "\n\n"
+
+        last, done = None, False
+        try:
+            if chat:
+                yield chunk(None, None, first=True)
+            async for last in handle:
+                if last.finish_reason == "error":
+                    metrics.observe(endpoint, 500)
+                    yield "data: " + json.dumps({"error": {"message": f"generation failed: {last.error}", "type": "server_error"}}) + "\n\n"
+                    break
+                if last.text and not last.finish_reason:
+                    yield chunk(last.text, None)
+                elif last.finish_reason:
+                    if last.text:
+                        yield chunk(last.text, None)
+                    yield chunk(None, last.finish_reason)
+            if last is not None and last.finish_reason != "error":
+                if include_usage:
+                    usage = {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+                             "total_tokens": last.prompt_tokens + last.completion_tokens}
+                    yield "data: " + json.dumps({"id": rid, "object": obj, "created": now, "model": model_id, "choices": [],
+                                                 "usage": usage}) + "\n\n"
+                metrics.observe(endpoint, 200, time.monotonic() - started, last.prompt_tokens, last.completion_tokens)
+            yield "data: [DONE]\n\n"
+            done = True
+        finally:
+            if not done:
+                metrics.observe(endpoint, 499)  # nginx's "client closed request"
+            handle.cancel()  # the client went away (or we are done): stop generating, free the slot
+
+    return app

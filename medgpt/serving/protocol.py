@@ -1,0 +1,118 @@
+"""OpenAI-compatible request schemas (pydantic) and the JSON error body every 4xx/5xx answer carries.
+
+Unknown fields are ignored (clients send many), but every field we read is checked: a bad value is a
+400 whose body names the field, e.g. {"error": {"message": "messages: Input should be a valid list",
+"type": "invalid_request_error", "param": "messages", "code": "invalid_value"}}.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class RequestError(Exception):
+    """A request we refuse; becomes a JSON error body with `param` naming the field."""
+
+    def __init__(self, param: str | None, message: str, status: int = 400, kind: str = "invalid_request_error", code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.message, self.status, self.kind, self.code = param, message, status, kind, code
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, gt=0)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
+            raise ValueError("give at most 4 non-empty stop strings")
+        return v
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, gt=0)
+
+    def wanted_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("give a non-empty prompt (or a non-empty list of non-empty prompts)")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v):
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def wanted_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+
+def first_validation_error(errors: list[dict]) -> tuple[str | None, str]:
+    """(param, message) for the first pydantic error of a request body."""
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return None, "the request body is not valid JSON"
+    # drop the union/literal branch names pydantic inserts (e.g. 'str', 'list[TextPart]')
+    loc = [p for p in loc if not (p.startswith(("str", "list[", "function-")) or p in ("TextPart",))]
+    param = ".".join(loc) or None
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == "missing":
+        msg = "this field is required"
+    return param, f"{param}: {msg}" if param else msg
