@@ -9,8 +9,11 @@ the rules that span groups (T4 has no bf16, QLoRA needs bitsandbytes, ...) befor
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -63,6 +66,7 @@ class MethodConfig:
     save_total_limit: int = 2
     sample_questions: int = 1  # held-out questions answered before and after training (0 = none)
     sample_max_new_tokens: int = 64
+    early_stopping_patience: int = 0  # stop after this many evaluations without a lower eval loss (0 = off; needs eval_steps > 0)
 
 
 @dataclass
@@ -140,11 +144,11 @@ class TemplateConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = MISSING  # none | wandb | tensorboard
-    project: str = "medgpt"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    name: str = MISSING  # none | wandb | tensorboard (metrics.jsonl is always written)
+    project: str = "medgpt"  # W&B project
+    entity: Optional[str] = None  # W&B team or user (null = your default entity)
+    group: Optional[str] = None  # W&B group: the sweep a job belongs to (conf/logger/wandb.yaml)
+    tags: list[str] = field(default_factory=list)  # W&B tags: the group choices (conf/logger/wandb.yaml)
 
 
 @dataclass
@@ -196,6 +200,33 @@ class PipelineConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Stops a run whose loss is not finite, or spikes for several steps, with a checkpoint and one sentence."""
+
+    enabled: bool = True
+    threshold: float = 2.0  # a spike: a loss this far above the median of the recent losses (2 nats = 7x the perplexity)
+    patience: int = 3  # consecutive spiking logging steps before stopping (a NaN/Inf loss stops at once)
+    window: int = 20  # how many recent losses the median looks at
+
+
+@dataclass
+class SweepConfig:
+    """What a multirun sweep optimises: run() returns summary[metric] (Optuna reads it, sweep_summary marks the best)."""
+
+    metric: str = "eval_loss"  # a summary.json key: eval_loss | train_loss | eval_reward_accuracy | ...
+    direction: str = "minimize"  # minimize | maximize
+
+
+@dataclass
+class CompareConfig:
+    """mode=compare run=<sweep dir | folder of runs | [dirA,dirB]>: a table of runs and their loss curves."""
+
+    sort_by: str = "eval_loss"  # a metric column (train_loss, eval_loss, wall_time_s, steps) or a differing config key
+    descending: bool = False
+    output: Optional[str] = None  # folder for comparison.md / comparison_loss.png (null: the compared folder; a list: the folder the runs share)
+
+
+@dataclass
 class PathsConfig:
     root: str = MISSING
     data_dir: str = MISSING
@@ -206,7 +237,8 @@ class PathsConfig:
 @dataclass
 class Config:
     mode: str = "train"
-    run: Optional[str] = None  # a finished run directory, or latest, for modes that read one
+    run: Any = None  # a finished run directory, or latest, for modes that read one (mode=compare: also a list)
+    resume: bool = False  # with run=<dir>: continue an interrupted run from its last checkpoint, in the same directory
     seed: int = 42
     tag: Optional[str] = None  # appended to the run directory name
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -223,11 +255,47 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+
+def _sweep_group() -> Optional[str]:
+    """`${medgpt_sweep:}`: in a multirun, the sweep's id (multirun-<date>-<time>) for W&B groups; null in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
+    return f"{sweep_dir.parent.parent.name}-{sweep_dir.parent.name}-{sweep_dir.name}"
+
+
+def _run_dir(new_dir: str, resume: Any, run: Any, output_dir: str) -> str:
+    """`hydra.run.dir`: resume=true continues run=<dir> in place (its train.log goes on); otherwise `new_dir`."""
+    if resume is not True or not run:
+        return new_dir
+    from medgpt.tracking.rundir import resolve_run
+
+    try:
+        return str(resolve_run(str(run), Path(output_dir), status="interrupted").resolve())
+    except ConfigError:
+        return new_dir  # run.py says what is wrong in one sentence
+
+
+def _dirname(overrides: str) -> str:
+    """`${medgpt_dirname:...}`: a sweep job's overrides as ONE folder name: paths keep their last part
+    (data.train_files=[a/b/train.jsonl] -> data.train_files=[train.jsonl]), at most 200 characters."""
+    name = re.sub(r"[^,=\[\]]*[/\\]", "", str(overrides))
+    return name if len(name) <= 200 else name[:191] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
 
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore and register medgpt's resolvers (idempotent)."""
     OmegaConf.register_new_resolver("medgpt_tag", lambda tag: f"-{tag}" if tag else "", replace=True)
+    OmegaConf.register_new_resolver("medgpt_sweep", _sweep_group, replace=True)
+    OmegaConf.register_new_resolver("medgpt_run_dir", _run_dir, replace=True)
+    OmegaConf.register_new_resolver("medgpt_dirname", _dirname, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, node in [
@@ -299,6 +367,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"method.learning_rate must be positive (got {m.learning_rate}).")
     if m.epochs <= 0 and m.max_steps <= 0:
         raise ConfigError("set method.epochs > 0 or method.max_steps > 0.")
+    _choice("sweep.direction", cfg.sweep.direction, ("minimize", "maximize"))
+    if m.get("early_stopping_patience", 0) < 0 or cfg.watchdog.patience < 1 or cfg.watchdog.threshold <= 0:
+        raise ConfigError("method.early_stopping_patience must be >= 0, watchdog.patience >= 1 and watchdog.threshold > 0.")
     if m.name == "dpo":
         _choice("method.loss", m.loss, ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo"))
         if not 0.0 <= m.label_smoothing < 0.5:

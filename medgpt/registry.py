@@ -15,7 +15,7 @@ Stage = Callable[..., dict]
 STAGES: dict[str, Stage] = {}
 # Modules whose import fills the registry; kept lazy so composing a config never imports torch.
 STAGE_MODULES = ("medgpt.stages.sft", "medgpt.stages.pt", "medgpt.stages.dpo", "medgpt.stages.merge", "medgpt.stages.pipeline",
-                 "medgpt.serving.modes")
+                 "medgpt.serving.modes", "medgpt.tracking.compare")
 
 
 def available() -> list[str]:

@@ -95,5 +95,5 @@ def test_unknown_or_unbuilt_mode_lists_modes():
     res = launch("mode=dance", "model=tiny")
     assert res.returncode == 1
     assert "mode='dance'" in res.stderr and "train, serve" in res.stderr and "Traceback" not in res.stderr
-    res = launch("mode=compare", "run=latest")
-    assert res.returncode == 1 and "mode=compare is not available yet" in res.stderr and "merge" in res.stderr
+    res = launch("mode=eval", "run=latest")
+    assert res.returncode == 1 and "mode=eval is not available yet" in res.stderr and "merge" in res.stderr

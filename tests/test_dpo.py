@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ROOT, launch, write_jsonl
+
 from medgpt.data.formats import load_records
 from medgpt.data.templates import load_template
 from medgpt.data.tokenize import IGNORE, encode_response

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import launch, read_jsonl
+
 from medgpt.data.collate import PadCollator, chunk_documents, pack_documents
 from medgpt.data.tokenize import IGNORE
 

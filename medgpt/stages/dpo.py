@@ -11,6 +11,7 @@ policy, never silently the base), with full fine-tuning a frozen copy; base — 
 the root of the chain; <run dir> — that run's policy, frozen. `method.precompute_reference` computes
 reference log-probs once before training. The choice is recorded in summary.json.
 Metrics per step: loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/*.
+Interrupted (SIGINT/SIGTERM) or stopped by the loss watchdog: a checkpoint in checkpoints/ (resume=true continues).
 Refuses: dialogue or plain-text data (use method=sft or method=pt).
 """
 
@@ -28,7 +29,18 @@ from medgpt.data.dpo_data import build_dpo_data
 from medgpt.modeling.loader import load_model
 from medgpt.registry import register
 from medgpt.stages.preference import REFERENCE_FREE, PreferenceTrainer, Reference, frozen_copy
-from medgpt.stages.training import Setup, build_model, common_summary, finish_plots, make_trainer, plan, prepare, save_artefacts
+from medgpt.stages.training import (
+    Setup,
+    build_model,
+    common_summary,
+    finish_plots,
+    make_trainer,
+    plan,
+    prepare,
+    resume_checkpoint,
+    save_artefacts,
+    stop_if_interrupted,
+)
 from medgpt.tracking.rundir import resolve_run
 
 log = logging.getLogger(__name__)
@@ -97,14 +109,15 @@ def dpo(cfg: DictConfig, run_dir: Path) -> dict:
         reference.model = None  # no longer needed: free its memory
     trainer = make_trainer(cfg, run_dir, setup, model, train_ds, eval_ds, collator, trainer_cls=PreferenceTrainer,
                            method=m, reference=reference)
-    estimate = plan(cfg, len(train_ds), data.stats["train"]["tokens"])
+    estimate = plan(cfg, len(train_ds), data.stats["train"]["tokens"], trainer.model)
     log.info("plan: %d optimiser steps x %d pairs", estimate["optimizer_steps"], estimate["sequences_per_step"])
 
-    # --- train, with held-out loss and reward accuracy before and after ---
+    # --- train, with held-out loss and reward accuracy before and after (resume=true: from the last checkpoint) ---
     before = preference_eval(trainer)
     started = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
     train_seconds = time.time() - started
+    stop_if_interrupted(trainer, cfg, run_dir)  # a signal or the loss watchdog: checkpoint saved, no final eval or save
     after = preference_eval(trainer)
 
     # --- save ---

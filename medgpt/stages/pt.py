@@ -9,7 +9,8 @@ excluded from the loss. LoRA / QLoRA / full fine-tuning, `model.init_from`, eval
 before and after.
 Refuses: dialogue or preference data (use method=sft or method=dpo).
 
-Writes: metrics.jsonl, plots/loss.png, adapter/ or model/ (tokenizer + chat template), summary.json.
+Writes: metrics.jsonl, plots/loss.png, adapter/ or model/ (tokenizer + chat template), summary.json;
+checkpoints/ when interrupted (SIGINT/SIGTERM) or stopped by the loss watchdog (resume=true continues).
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ from omegaconf import DictConfig
 from medgpt.data.collate import PadCollator
 from medgpt.data.pt_data import build_pt_data
 from medgpt.registry import register
-from medgpt.stages.training import build_model, common_summary, evaluate, finish_plots, make_trainer, plan, prepare, save_artefacts
+from medgpt.stages.training import (
+    build_model,
+    common_summary,
+    evaluate,
+    finish_plots,
+    make_trainer,
+    plan,
+    prepare,
+    resume_checkpoint,
+    save_artefacts,
+    stop_if_interrupted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +47,16 @@ def pt(cfg: DictConfig, run_dir: Path) -> dict:
     data = build_pt_data(cfg, setup.tokenizer, setup.template)
     model = build_model(cfg, setup)
     trainer = make_trainer(cfg, run_dir, setup, model, data.train, data.eval, PadCollator(setup.tokenizer.pad_token_id))
-    estimate = plan(cfg, len(data.train), data.stats["train"]["tokens"])
+    estimate = plan(cfg, len(data.train), data.stats["train"]["tokens"], trainer.model)
     log.info("plan: %d optimiser steps x %d blocks of %d tokens", estimate["optimizer_steps"], estimate["sequences_per_step"],
              cfg.method.max_length)
 
-    # --- train, with held-out loss before and after ---
+    # --- train, with held-out loss before and after (resume=true continues from the run's last checkpoint) ---
     before = evaluate(trainer)
     started = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
     train_seconds = time.time() - started
+    stop_if_interrupted(trainer, cfg, run_dir)  # a signal or the loss watchdog: checkpoint saved, no final eval or save
     after = evaluate(trainer)
 
     # --- save ---

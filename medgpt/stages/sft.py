@@ -8,7 +8,8 @@ ZeRO through the Trainer; eval loss and perplexity on held-out data before and a
 answers of the untuned and the tuned model to held-out questions (method.sample_questions).
 Refuses: plain-text or preference data (use method=pt or method=dpo).
 
-Writes: metrics.jsonl, plots/loss.png, adapter/ or model/ (tokenizer + chat template), summary.json.
+Writes: metrics.jsonl, plots/loss.png, adapter/ or model/ (tokenizer + chat template), summary.json;
+checkpoints/ when interrupted (SIGINT/SIGTERM) or stopped by the loss watchdog (resume=true continues).
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ from medgpt.data.collate import PadCollator
 from medgpt.data.sft_data import build_sft_data
 from medgpt.modeling.generate import generate_answers
 from medgpt.registry import register
-from medgpt.stages.training import build_model, common_summary, evaluate, finish_plots, make_trainer, plan, prepare, save_artefacts, stop_token_ids
+from medgpt.stages.training import (
+    build_model,
+    common_summary,
+    evaluate,
+    finish_plots,
+    make_trainer,
+    plan,
+    prepare,
+    resume_checkpoint,
+    save_artefacts,
+    stop_if_interrupted,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +49,7 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
     model = build_model(cfg, setup)
     collator = PadCollator(setup.tokenizer.pad_token_id)
     trainer = make_trainer(cfg, run_dir, setup, model, data.train, data.eval, collator)
-    estimate = plan(cfg, len(data.train), data.stats["train"]["tokens"])
+    estimate = plan(cfg, len(data.train), data.stats["train"]["tokens"], trainer.model)
     log.info("plan: %d optimiser steps x %d sequences, ~%d tokens", estimate["optimizer_steps"], estimate["sequences_per_step"],
              estimate["planned_tokens"])
 
@@ -47,10 +60,11 @@ def sft(cfg: DictConfig, run_dir: Path) -> dict:
                                       cfg.method.sample_max_new_tokens, stop_ids) if questions else []
     before_eval, before_answers = evaluate(trainer), answer()
 
-    # --- train ---
+    # --- train (resume=true continues from the run's last checkpoint) ---
     started = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, run_dir))
     train_seconds = time.time() - started
+    stop_if_interrupted(trainer, cfg, run_dir)  # a signal or the loss watchdog: checkpoint saved, no final eval or save
 
     # --- after: held-out loss and answers of the tuned model, then save ---
     after_eval, after_answers = evaluate(trainer), answer()

@@ -1,6 +1,9 @@
-"""What the training stages share: model set-up, Trainer arguments, evaluation, and saving artefacts.
+"""What the training stages share: model set-up, Trainer arguments and callbacks, evaluation, saving artefacts.
 
-Kept to plain functions so that each stage still reads top to bottom.
+Kept to plain functions so that each stage still reads top to bottom. The Trainer gets medgpt's
+callbacks (medgpt.tracking): metrics.jsonl (+ W&B / TensorBoard), the interrupt guard, the loss
+watchdog and early stopping; `stop_if_interrupted` turns their verdict into RunInterrupted or
+TrainingDiverged after `trainer.train()`; `resume_checkpoint` is what `resume=true` continues from.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from medgpt.data.templates import Template, resolve_template
 from medgpt.errors import ConfigError
 from medgpt.modeling.adapters import apply_adapter
 from medgpt.modeling.loader import DTYPES, Placement, load_model, load_tokenizer, resolve_model_path, resolve_placement
+from medgpt.tracking import loggers
+from medgpt.tracking.guards import EarlyStopping, InterruptGuard, LossWatchdog, RunInterrupted, TrainingDiverged
 from medgpt.tracking.metrics import MetricsCallback, MetricsWriter, perplexity
 from medgpt.tracking.plots import plot_loss
+from medgpt.tracking.resume import checkpoint_step, latest_checkpoint
 from medgpt.tracking.rundir import read_summary, resolve_run
 
 log = logging.getLogger(__name__)
@@ -89,6 +95,7 @@ def common_summary(cfg: DictConfig, setup: Setup, trainer: Trainer, before: dict
         "tokens_seen": tokens,
         "train_seconds": round(train_seconds, 2),
         "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else None,
+        "early_stopped_at_step": next((c.stopped_at for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStopping)), None),
         "data": {**data.stats, "cache_hit": data.cache_hit},
     }
 
@@ -113,22 +120,6 @@ def deepspeed_config(ds: DictConfig) -> dict | None:
     return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
             "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto"}
-
-
-def report_to(cfg: DictConfig, run_dir: Path) -> list[str]:
-    name = cfg.logger.name
-    if name == "wandb":
-        import os
-
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
-        os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
-        return ["wandb"]
-    if name == "tensorboard":
-        import os
-
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
-        return ["tensorboard"]
-    return []
 
 
 def training_arguments(cfg: DictConfig, run_dir: Path, placement: Placement, has_eval: bool) -> TrainingArguments:
@@ -156,7 +147,8 @@ def training_arguments(cfg: DictConfig, run_dir: Path, placement: Placement, has
         fp16=cfg.hardware.dtype == "fp16" and placement.device == "cuda",
         use_cpu=placement.device == "cpu",
         deepspeed=deepspeed_config(cfg.deepspeed),
-        report_to=report_to(cfg, run_dir),
+        report_to="none",  # W&B / TensorBoard get the metrics.jsonl rows through medgpt.tracking.loggers
+        logging_nan_inf_filter=False,  # a NaN loss must reach metrics.jsonl and the watchdog, not be averaged away
         run_name=run_dir.name,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -172,9 +164,47 @@ def make_trainer(cfg: DictConfig, run_dir: Path, setup: Setup, model, train_ds, 
     args = training_arguments(cfg, run_dir, setup.placement, eval_ds is not None)
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     sequences_per_step = cfg.hardware.batch_size * cfg.hardware.grad_accum
+    metrics = MetricsCallback(writer, sequences_per_step, perplexity=trainer_cls is Trainer, tracker=loggers.active(),
+                              resuming=bool(cfg.get("resume")))
+    callbacks = [metrics, InterruptGuard()]
+    if cfg.watchdog.enabled:
+        callbacks.append(LossWatchdog(cfg.watchdog.threshold, cfg.watchdog.patience, cfg.watchdog.window))
+    patience = cfg.method.get("early_stopping_patience", 0)
+    if patience > 0:
+        if eval_ds is None or cfg.method.eval_steps <= 0:
+            log.warning("method.early_stopping_patience=%d is off: it needs eval data and method.eval_steps > 0", patience)
+        else:
+            callbacks.append(EarlyStopping(patience))
     return trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                       processing_class=setup.tokenizer,
-                       callbacks=[MetricsCallback(writer, sequences_per_step, perplexity=trainer_cls is Trainer)], **extra)
+                       processing_class=setup.tokenizer, callbacks=callbacks, **extra)
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """With resume=true, the checkpoint to continue from (trainer.train(resume_from_checkpoint=...)); else None."""
+    if not cfg.get("resume"):
+        return None
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"run {run_dir} has no checkpoint to resume from; start it again without resume=true.")
+    log.info("resuming from %s (step %d)", checkpoint, checkpoint_step(checkpoint))
+    return str(checkpoint)
+
+
+def stop_if_interrupted(trainer: Trainer, cfg: DictConfig, run_dir: Path) -> None:
+    """After trainer.train(): a signal -> RunInterrupted, the watchdog -> TrainingDiverged; both come after a checkpoint was saved.
+
+    The run then ends without the final eval and save; plots/loss.png shows the steps done so far.
+    """
+    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, InterruptGuard))
+    watchdog = next((c for c in trainer.callback_handler.callbacks if isinstance(c, LossWatchdog)), None)
+    if guard.signum is None and (watchdog is None or watchdog.reason is None):
+        return
+    finish_plots(run_dir, f"{cfg.method.name} · {cfg.model.name} · {cfg.data.name} (stopped)")
+    checkpoint = latest_checkpoint(run_dir)
+    if guard.signum is not None:
+        raise RunInterrupted(guard.signum, trainer.state.global_step, str(checkpoint) if checkpoint else None)
+    raise TrainingDiverged(f"training stopped: {watchdog.reason}; the checkpoint is in {checkpoint}; lower method.learning_rate "
+                           f"(now {cfg.method.learning_rate:g}) or check the data, or set watchdog.enabled=false.")
 
 
 def evaluate(trainer: Trainer) -> dict:
@@ -185,13 +215,47 @@ def evaluate(trainer: Trainer) -> dict:
     return {"eval_loss": metrics["eval_loss"], "eval_perplexity": perplexity(metrics["eval_loss"])}
 
 
-def plan(cfg: DictConfig, train_examples: int, tokens: int) -> dict:
-    """Steps and tokens the run will do, printed before training starts."""
+def plan(cfg: DictConfig, train_examples: int, tokens: int, model=None) -> dict:
+    """Steps, tokens and (with the model) a memory estimate for the run, logged before training starts."""
     per_step = cfg.hardware.batch_size * cfg.hardware.grad_accum
     steps_per_epoch = max(1, math.ceil(train_examples / per_step))
     steps = cfg.method.max_steps if cfg.method.max_steps > 0 else math.ceil(steps_per_epoch * cfg.method.epochs)
-    return {"optimizer_steps": steps, "sequences_per_step": per_step,
-            "planned_tokens": int(tokens * min(1.0, steps / steps_per_epoch) if cfg.method.max_steps > 0 else tokens * cfg.method.epochs)}
+    estimate = {"optimizer_steps": steps, "sequences_per_step": per_step,
+                "planned_tokens": int(tokens * min(1.0, steps / steps_per_epoch) if cfg.method.max_steps > 0 else tokens * cfg.method.epochs)}
+    if model is not None:
+        memory = estimate_memory(model, cfg.hardware.batch_size, cfg.method.max_length, cfg.hardware.gradient_checkpointing)
+        log.info("memory estimate: %.3g GB = weights %.3g GB (%s parameters, %s trainable) + gradients and AdamW state %.3g GB "
+                 "+ activations ~%.3g GB (batch %d x at most %d tokens)", memory["total_gb"], memory["weights_gb"], f"{memory['parameters']:,}",
+                 f"{memory['trainable_parameters']:,}", memory["gradients_gb"] + memory["optimizer_gb"], memory["activations_gb"],
+                 cfg.hardware.batch_size, cfg.method.max_length)
+        estimate["memory"] = memory
+    return estimate
+
+
+def estimate_memory(model, batch_size: int, seq_len: int, gradient_checkpointing: bool = False) -> dict:
+    """A rough upper bound of training memory: weights + gradients + AdamW state (two fp32 values per trainable
+    parameter) + activations at `seq_len` tokens per sequence (batches padded to their longest use less): per layer
+    about 34 x batch x tokens x hidden bytes in 16-bit (Korthikanti et al. 2022, without the attention matrix that
+    sdpa and flash-attention never store; twice that in fp32), one hidden state per layer with gradient checkpointing,
+    plus the fp32 logits and their gradient."""
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", 0) or 0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    vocab = getattr(config, "vocab_size", 0) or 0
+    width = next((p.element_size() for p in params if p.is_floating_point()), 4)
+    tokens = batch_size * seq_len
+    per_layer = tokens * hidden * width * (1 if gradient_checkpointing else 17)  # ~34 bytes/elem in fp16 (Korthikanti et al.)
+    activations = layers * per_layer + 2 * tokens * vocab * 4
+    gb = lambda b: round(b / 2**30, 4)  # noqa: E731
+    out = {"parameters": sum(p.numel() for p in params), "trainable_parameters": n_trainable, "weights_gb": gb(weights),
+           "gradients_gb": gb(gradients), "optimizer_gb": gb(8 * n_trainable), "activations_gb": gb(activations)}
+    out["total_gb"] = round(out["weights_gb"] + out["gradients_gb"] + out["optimizer_gb"] + out["activations_gb"], 4)
+    return out
 
 
 def save_artefacts(run_dir: Path, model, tokenizer, template: Template, cfg: DictConfig) -> Path:

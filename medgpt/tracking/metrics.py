@@ -1,7 +1,8 @@
 """metrics.jsonl: one JSON object per logging step, written as training goes (a crash keeps what was logged).
 
 Keys: step, epoch, loss, lr, grad_norm, tokens_per_s, samples_per_s, mem_gb, and eval_* rows
-(eval_loss, eval_perplexity). Stages may add their own (e.g. rewards/margins for DPO).
+(eval_loss, eval_perplexity). Stages may add their own (e.g. rewards/margins for DPO). Every row also
+goes to the run's tracker (W&B / TensorBoard, medgpt.tracking.loggers), so both see the same keys.
 """
 
 from __future__ import annotations
@@ -51,18 +52,22 @@ class MetricsWriter:
 class MetricsCallback(TrainerCallback):
     """Turns the Trainer's log events into metrics.jsonl rows with throughput and memory added."""
 
-    def __init__(self, writer: MetricsWriter, batch_size: int, perplexity: bool = True):
+    def __init__(self, writer: MetricsWriter, batch_size: int, perplexity: bool = True, tracker=None, resuming: bool = False):
         self.writer = writer
         self.perplexity = perplexity  # exp(eval_loss) means something for language-modelling losses only
         self.batch_size = batch_size  # sequences per optimiser step on this process
+        self.tracker = tracker  # has .log(row); never raises
+        self.resuming = resuming  # a resumed run's rows before training restarts (the eval before) are in metrics.jsonl already
+        self._training_started = False
         self._last = (time.perf_counter(), 0, 0)  # time, tokens seen, step
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._training_started = True
         self._last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
-        if "train_loss" in logs:  # the Trainer's end-of-training aggregate goes to summary.json instead
+        if "train_loss" in logs or (self.resuming and not self._training_started):  # the end-of-training aggregate goes to summary.json
             return
         row: dict = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "loss" in logs:
@@ -80,3 +85,5 @@ class MetricsCallback(TrainerCallback):
             row["eval_perplexity"] = perplexity(row["eval_loss"])
         row["mem_gb"] = memory_gb()
         self.writer.write(row)
+        if self.tracker is not None:
+            self.tracker.log(row)

@@ -42,3 +42,33 @@ def plot_loss(rows: list[dict], out: Path, title: str = "") -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_overlay(curves: list[tuple[str, list[dict]]], out: Path, title: str = "") -> Path | None:
+    """Several runs on one axes: each run's smoothed training loss (line) and eval loss (dots), one colour per run."""
+    curves = [(label, rows) for label, rows in curves if any("loss" in r or "eval_loss" in r for r in rows)]
+    if not curves:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for i, (label, rows) in enumerate(curves):
+        colour = colours(i % colours.N)
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        label = label if len(label) <= 60 else label[:57] + "..."
+        if train:
+            steps, losses = zip(*train)
+            ax.plot(steps, smooth(list(losses)), color=colour, linewidth=1.8, label=label)
+        if evals:
+            steps, losses = zip(*evals)
+            ax.plot(steps, losses, "o--", color=colour, linewidth=1, markersize=4, label=None if train else label)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (line: train, smoothed; dots: eval)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -90,14 +90,16 @@ def read_summary(run_dir: Path) -> dict:
         return {}
 
 
-def resolve_run(run: str | None, output_dir: Path) -> Path:
-    """`run=latest` -> the newest completed run under outputs/; `run=<path>` -> that directory."""
+def resolve_run(run: str | None, output_dir: Path, status: str = "completed") -> Path:
+    """`run=latest` -> the newest run with `status` (completed) under outputs/; `run=<path>` -> that directory."""
     if not run:
         raise ConfigError("this mode reads a finished run: pass run=<run directory> or run=latest.")
+    if not isinstance(run, str | Path):
+        raise ConfigError(f"run={list(run)} names several runs; this mode reads one (a list is for mode=compare).")
     if run == "latest":
-        runs = [p.parent for p in Path(output_dir).glob("**/summary.json") if read_summary(p.parent).get("status") == "completed"]
+        runs = [p.parent for p in Path(output_dir).glob("**/summary.json") if read_summary(p.parent).get("status") == status]
         if not runs:
-            raise ConfigError(f"run=latest: no completed run under {output_dir}; train one first (python launch.py).")
+            raise ConfigError(f"run=latest: no {status} run under {output_dir}; train one first (python launch.py).")
         return max(runs, key=lambda p: (p / "summary.json").stat().st_mtime)
     path = Path(run).expanduser()
     if not (path / "config.yaml").exists():

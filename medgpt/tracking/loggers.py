@@ -1,0 +1,169 @@
+"""Experiment trackers beside metrics.jsonl: W&B (logger=wandb) and TensorBoard (logger=tensorboard).
+
+run.py starts one tracker per run (`start`) and finishes it with the final summary (`finish`); the
+MetricsCallback hands every metrics.jsonl row to `active().log(row)`, so the tracker sees exactly the
+same keys (step, loss, lr, eval_loss, rewards/margins, ...).
+
+W&B: project, entity, group (the sweep) and tags (the group choices) come from the `logger` config;
+the resolved config is uploaded; files go to `<run>/wandb/`. Without an API key or a network the run
+is logged offline, with a line saying how to `wandb sync` it later (WANDB_MODE, when set, decides).
+TensorBoard: event files in `<run>/tensorboard/`. A tracker that fails is switched off with a warning:
+it never stops training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import netrc
+import os
+import secrets
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """No tracker (logger=none); the base of the others. Failures are logged once and switch the tracker off."""
+
+    name = "none"
+
+    def __init__(self):
+        self.failed = False
+
+    def log(self, row: dict) -> None:
+        self._safely("log", self._log, row)
+
+    def finish(self, summary: dict, status: str) -> None:
+        self._safely("finish", self._finish, summary, status)
+
+    def _safely(self, what: str, fn, *args) -> None:
+        if self.failed:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a tracker must never stop training
+            self.failed = True
+            log.warning("%s %s failed (%s: %s); it is off for the rest of this run, metrics.jsonl is complete", self.name, what,
+                        type(e).__name__, e)
+
+    def _log(self, row: dict) -> None:
+        pass
+
+    def _finish(self, summary: dict, status: str) -> None:
+        pass
+
+
+def scalars(data: dict) -> dict:
+    """The numbers of a (nested) dict, flattened with '/' (what trackers can chart)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in scalars(value).items()})
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+class WandbTracker(Tracker):
+    name = "W&B"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        super().__init__()
+        import wandb
+
+        mode, reason = wandb_mode()
+        id_file = run_dir / "wandb" / "medgpt_run_id"  # the same W&B run when this run is resumed
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        lg = cfg.logger
+        self.run = wandb.init(project=lg.project, entity=lg.entity, group=lg.group, tags=[t[:64] for t in lg.tags], name=run_dir.name,
+                              config=OmegaConf.to_container(cfg, resolve=True), dir=str(run_dir), id=run_id, resume="allow",
+                              mode=mode, job_type=cfg.method.name, settings=wandb.Settings(console="off"))
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")  # metrics.jsonl's step is the x axis (monotonic within each stage)
+        if mode == "offline":
+            where = Path(self.run.dir).parent
+            log.info("W&B is offline (%s): the run is kept in %s; upload it later with: wandb sync %s", reason, where, where)
+
+    def _log(self, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+
+    def _finish(self, summary: dict, status: str) -> None:
+        self.run.summary.update({**scalars(summary), "status": status})
+        self.run.finish(exit_code=0 if status == "completed" else 1)
+
+
+class TensorBoardTracker(Tracker):
+    name = "TensorBoard"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        super().__init__()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer.add_text("config", "```\n" + OmegaConf.to_yaml(cfg, resolve=True) + "\n```")
+        log.info("TensorBoard: tensorboard --logdir %s", run_dir / "tensorboard")
+
+    def _log(self, row: dict) -> None:
+        step = int(row.get("step", 0))
+        for key, value in row.items():
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def _finish(self, summary: dict, status: str) -> None:
+        for key, value in scalars(summary).items():
+            self.writer.add_scalar(f"summary/{key}", value, 0)
+        self.writer.add_text("status", status)
+        self.writer.close()
+
+
+def wandb_mode() -> tuple[str, str | None]:
+    """online, or offline with the reason: no API key, or the W&B server cannot be reached. WANDB_MODE wins when set."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], "WANDB_MODE is set"
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    if not os.environ.get("WANDB_API_KEY"):
+        try:
+            if not netrc.netrc().authenticators(host):
+                return "offline", "no API key: run `wandb login` or set WANDB_API_KEY"
+        except (OSError, netrc.NetrcParseError):
+            return "offline", "no API key: run `wandb login` or set WANDB_API_KEY"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return "offline", f"{host} cannot be reached"
+    return "online", None
+
+
+TRACKERS = {"wandb": WandbTracker, "tensorboard": TensorBoardTracker}
+_active: Tracker = Tracker()
+
+
+def start(cfg: DictConfig, run_dir: Path) -> Tracker:
+    """The tracker named by logger.name for this run (a no-op one for logger=none, or when it cannot start)."""
+    global _active
+    _active = Tracker()
+    factory = TRACKERS.get(cfg.logger.name)
+    if factory is not None:
+        try:
+            _active = factory(cfg, run_dir)
+        except Exception as e:  # noqa: BLE001 - never stop training for a tracker
+            log.warning("%s could not start (%s: %s); training goes on, metrics.jsonl is complete", cfg.logger.name, type(e).__name__, e)
+    return _active
+
+
+def active() -> Tracker:
+    return _active
+
+
+def finish(summary: dict, status: str) -> None:
+    global _active
+    tracker, _active = _active, Tracker()
+    tracker.finish(summary, status)
