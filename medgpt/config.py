@@ -293,6 +293,8 @@ def _dirname(overrides: str) -> str:
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore and register medgpt's resolvers (idempotent)."""
     OmegaConf.register_new_resolver("medgpt_tag", lambda tag: f"-{tag}" if tag else "", replace=True)
+    # run directories are named by what they hold: the method for training, else the mode (serve, chat, ...)
+    OmegaConf.register_new_resolver("medgpt_job", lambda mode, method: method if mode == "train" else mode, replace=True)
     OmegaConf.register_new_resolver("medgpt_sweep", _sweep_group, replace=True)
     OmegaConf.register_new_resolver("medgpt_run_dir", _run_dir, replace=True)
     OmegaConf.register_new_resolver("medgpt_dirname", _dirname, replace=True)

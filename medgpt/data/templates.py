@@ -201,3 +201,24 @@ def resolve_template(template_cfg: Mapping, model_template: str, tokenizer) -> T
     if model_template and model_template != "auto":
         return load_template(model_template)
     return identify_template(tokenizer)
+
+
+SAVED_TEMPLATE = "medgpt_template.yaml"  # written next to every saved tokenizer (adapter/, model/, merged/)
+
+
+def load_saved_template(folder: Path) -> Template | None:
+    """The template a run trained with, from the artefact folder it was saved in (None if absent)."""
+    path = Path(folder) / SAVED_TEMPLATE
+    return Template.from_mapping(yaml.safe_load(path.read_text())) if path.exists() else None
+
+
+def stop_token_ids(tokenizer, template: Template | None) -> list[int]:
+    """Token ids that end an answer: the template's stop string when it is one token, and the eos token."""
+    ids = []
+    if template is not None:
+        encoded = tokenizer(template.stop_string(tokenizer.bos_token, tokenizer.eos_token), add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

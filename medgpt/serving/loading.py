@@ -18,10 +18,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from medgpt.data.templates import Template, resolve_template
+from medgpt.data.templates import Template, load_saved_template, resolve_template, stop_token_ids
 from medgpt.errors import ConfigError, ModelError
 from medgpt.tracking.rundir import read_summary, resolve_run
 
@@ -75,22 +74,6 @@ class Loaded:
         return "\n".join(lines)
 
 
-def stop_token_ids(tokenizer, template: Template) -> list[int]:
-    """The template's stop string when it is one token, and the eos token (as medgpt.stages.training saves them)."""
-    ids = []
-    encoded = tokenizer(template.stop_string(tokenizer.bos_token, tokenizer.eos_token), add_special_tokens=False)["input_ids"]
-    if len(encoded) == 1:
-        ids.append(encoded[0])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def _saved_template(folder: Path) -> Template | None:
-    path = folder / "medgpt_template.yaml"
-    return Template.from_mapping(yaml.safe_load(path.read_text())) if path.exists() else None
-
-
 def resolve_artefacts(cfg: DictConfig) -> Artefacts:
     """Find weights, tokenizer and template for `cfg` without loading any weights."""
     from medgpt.modeling.loader import load_tokenizer, resolve_model_path
@@ -132,7 +115,7 @@ def resolve_artefacts(cfg: DictConfig) -> Artefacts:
                 raise ModelError(f"run {run_dir}: cannot tell the base model of its adapter (no base_model_path in summary.json).")
             model_path = resolve_model_path(name, cfg.paths.cache_dir, OmegaConf.select(run_cfg, "model.revision"))
     tokenizer_path = str(folder) if (folder / "tokenizer_config.json").exists() else model_path
-    saved = _saved_template(folder)
+    saved = load_saved_template(folder)
     if override or saved is None:
         source_cfg = cfg if override else run_cfg
         tokenizer = load_tokenizer(tokenizer_path, trust)

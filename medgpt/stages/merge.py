@@ -20,10 +20,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from omegaconf import DictConfig
 
-from medgpt.data.templates import Template
+from medgpt.data.templates import SAVED_TEMPLATE, Template, load_saved_template, stop_token_ids
 from medgpt.errors import ConfigError
 from medgpt.modeling.generate import generate_answers
 from medgpt.modeling.loader import DTYPES
@@ -48,11 +47,6 @@ def artefact_dir(run_dir: Path) -> Path:
     raise ConfigError(f"{run_dir} has no trained weights (no merged/, model/ or adapter/); did the run complete?")
 
 
-def load_saved_template(folder: Path) -> Template | None:
-    path = folder / "medgpt_template.yaml"
-    return Template.from_mapping(yaml.safe_load(path.read_text())) if path.exists() else None
-
-
 def base_model_path(run_dir: Path) -> str:
     summary = read_summary(run_dir)
     if summary.get("base_model_path") and Path(summary["base_model_path"]).exists():
@@ -61,15 +55,9 @@ def base_model_path(run_dir: Path) -> str:
     return adapter_config["base_model_name_or_path"]
 
 
-def _stop_ids(tokenizer, template: Template | None) -> list[int]:
-    from medgpt.stages.training import stop_token_ids
-
-    return stop_token_ids(tokenizer, template) if template else [tokenizer.eos_token_id]
-
-
 def _parity(model, tokenizer, template: Template | None, n_prompts: int) -> tuple[list[str], torch.Tensor]:
     prompts = [[{"role": "user", "content": p}] for p in PARITY_PROMPTS[:n_prompts]]
-    answers = generate_answers(model, tokenizer, template, prompts, 24, _stop_ids(tokenizer, template)) if template else []
+    answers = generate_answers(model, tokenizer, template, prompts, 24, stop_token_ids(tokenizer, template)) if template else []
     text = (template.render(prompts[0], tokenizer.bos_token or "", tokenizer.eos_token or "", True) if template else PARITY_PROMPTS[0])
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(next(model.parameters()).device)
     with torch.no_grad():
@@ -97,14 +85,14 @@ def merge_run(run_dir: Path, dtype: str = "auto", parity_prompts: int = 3) -> Pa
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
     answers_adapter, logits_adapter = _parity(model, tokenizer, template, parity_prompts)
     merged = model.merge_and_unload().to(torch_dtype)
-    merged.generation_config.eos_token_id = _stop_ids(tokenizer, template)
+    merged.generation_config.eos_token_id = stop_token_ids(tokenizer, template)
 
     out = run_dir / "merged"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".merged-"))
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for extra in ("medgpt_template.yaml",):
+        for extra in (SAVED_TEMPLATE,):
             if (adapter / extra).exists():
                 shutil.copy(adapter / extra, tmp / extra)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()

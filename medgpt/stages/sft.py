@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from medgpt.data.collate import PadCollator
 from medgpt.data.sft_data import build_sft_data
+from medgpt.data.templates import stop_token_ids
 from medgpt.modeling.generate import generate_answers
 from medgpt.registry import register
 from medgpt.stages.training import (
@@ -35,7 +36,6 @@ from medgpt.stages.training import (
     resume_checkpoint,
     save_artefacts,
     stop_if_interrupted,
-    stop_token_ids,
 )
 
 log = logging.getLogger(__name__)

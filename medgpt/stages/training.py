@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainingArguments
 
-from medgpt.data.templates import Template, resolve_template
+from medgpt.data.templates import SAVED_TEMPLATE, Template, load_saved_template, resolve_template, stop_token_ids
 from medgpt.errors import ConfigError
 from medgpt.modeling.adapters import apply_adapter
 from medgpt.modeling.loader import DTYPES, Placement, load_model, load_tokenizer, resolve_model_path, resolve_placement
@@ -50,7 +50,7 @@ def prepare(cfg: DictConfig) -> Setup:
         raise ConfigError(f"deepspeed={cfg.deepspeed.name} needs CUDA GPUs; use deepspeed=none here.")
     init_from, saved_template = None, None
     if cfg.model.init_from:  # start from a finished run: its merged (or fully fine-tuned) weights and its template
-        from medgpt.stages.merge import ensure_full_model, load_saved_template
+        from medgpt.stages.merge import ensure_full_model
 
         run = resolve_run(cfg.model.init_from, Path(cfg.paths.output_dir))
         model_path, init_from = str(ensure_full_model(run)), str(run)
@@ -266,24 +266,12 @@ def save_artefacts(run_dir: Path, model, tokenizer, template: Template, cfg: Dic
     tokenizer.chat_template = template.to_jinja()
     tokenizer.save_pretrained(out)
     stop_ids = stop_token_ids(tokenizer, template)
-    (out / "medgpt_template.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(template.__dict__)))
+    (out / SAVED_TEMPLATE).write_text(OmegaConf.to_yaml(OmegaConf.create(template.__dict__)))
     if not is_adapter and getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = stop_ids
         model.generation_config.save_pretrained(out)
     log.info("saved %s to %s", "adapter" if is_adapter else "model", out)
     return out
-
-
-def stop_token_ids(tokenizer, template: Template) -> list[int]:
-    """Token ids that end an answer: the template's stop string when it is one token, and the eos token."""
-    ids = []
-    stop = template.stop_string(tokenizer.bos_token, tokenizer.eos_token)
-    encoded = tokenizer(stop, add_special_tokens=False)["input_ids"]
-    if len(encoded) == 1:
-        ids.append(encoded[0])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def finish_plots(run_dir: Path, title: str) -> None:
