@@ -59,3 +59,13 @@ def test_merge_mode_and_its_refusal(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     s = json.loads((tmp_path / "next/summary.json").read_text())
     assert s["base_model_path"] == str(tmp_path / "full/model") and s["template"] == "chatml"
+
+
+def test_merge_and_init_from_accept_a_pipeline_root(pipeline_run):
+    """A pipeline's root directory stands for its last stage (run=latest often picks it)."""
+    from medgpt.tracking.rundir import trained_run
+
+    assert trained_run(pipeline_run) == pipeline_run / "3-dpo"
+    res = launch("mode=merge", f"run={pipeline_run}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "3-dpo" in res.stdout

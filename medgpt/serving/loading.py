@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medgpt.data.templates import Template, load_saved_template, resolve_template, stop_token_ids
 from medgpt.errors import ConfigError, ModelError
-from medgpt.tracking.rundir import read_summary, resolve_run
+from medgpt.tracking.rundir import read_summary, resolve_run, trained_run
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,8 @@ def resolve_artefacts(cfg: DictConfig) -> Artefacts:
                          cfg.model.trust_remote_code)
 
     run_dir = resolve_run(cfg.run, Path(cfg.paths.output_dir)).resolve()
+    run_dir = trained_run(run_dir).resolve()  # a pipeline's root directory: serve its last stage
     summary = read_summary(run_dir)
-    final = summary.get("final_run")  # a pipeline's root directory: serve its last stage
-    if final and not any((run_dir / d).is_dir() for d in ("merged", "model", "adapter")) and (Path(final) / "config.yaml").exists():
-        run_dir = Path(final).resolve()
-        summary = read_summary(run_dir)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     trust = bool(OmegaConf.select(run_cfg, "model.trust_remote_code", default=False))
     if summary.get("status") not in (None, "completed"):

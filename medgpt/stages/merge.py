@@ -27,7 +27,7 @@ from medgpt.errors import ConfigError
 from medgpt.modeling.generate import generate_answers
 from medgpt.modeling.loader import DTYPES
 from medgpt.registry import register
-from medgpt.tracking.rundir import read_summary, resolve_run, write_json
+from medgpt.tracking.rundir import read_summary, resolve_run, trained_run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def ensure_full_model(run_dir: Path) -> Path:
 
 @register("merge")
 def merge_mode(cfg: DictConfig, log_dir: Path) -> dict:
-    run_dir = resolve_run(cfg.run, Path(cfg.paths.output_dir))
+    run_dir = trained_run(resolve_run(cfg.run, Path(cfg.paths.output_dir)))  # a pipeline root: its last stage
     print(f"merging run {run_dir}")
     out = merge_run(run_dir, cfg.merge.dtype, cfg.merge.parity_prompts)
     report = json.loads((out / "merge_report.json").read_text())

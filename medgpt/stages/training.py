@@ -26,7 +26,7 @@ from medgpt.tracking.guards import EarlyStopping, InterruptGuard, LossWatchdog, 
 from medgpt.tracking.metrics import MetricsCallback, MetricsWriter, perplexity
 from medgpt.tracking.plots import plot_loss
 from medgpt.tracking.resume import checkpoint_step, latest_checkpoint
-from medgpt.tracking.rundir import read_summary, resolve_run
+from medgpt.tracking.rundir import read_summary, resolve_run, trained_run
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def prepare(cfg: DictConfig) -> Setup:
     if cfg.model.init_from:  # start from a finished run: its merged (or fully fine-tuned) weights and its template
         from medgpt.stages.merge import ensure_full_model
 
-        run = resolve_run(cfg.model.init_from, Path(cfg.paths.output_dir))
+        run = trained_run(resolve_run(cfg.model.init_from, Path(cfg.paths.output_dir)))  # a pipeline root: its last stage
         model_path, init_from = str(ensure_full_model(run)), str(run)
         saved_template = load_saved_template(Path(model_path))
         prior = read_summary(run)

@@ -105,3 +105,11 @@ def resolve_run(run: str | None, output_dir: Path, status: str = "completed") ->
     if not (path / "config.yaml").exists():
         raise ConfigError(f"run={run} is not a run directory (it has no config.yaml).")
     return path
+
+
+def trained_run(run_dir: Path) -> Path:
+    """The run that holds the weights: a pipeline's root directory stands for its last stage (`final_run`)."""
+    final = read_summary(run_dir).get("final_run")
+    if final and not any((run_dir / d).is_dir() for d in ("merged", "model", "adapter")) and (Path(final) / "config.yaml").exists():
+        return Path(final)
+    return run_dir
