@@ -97,3 +97,11 @@ def test_unknown_or_unbuilt_mode_lists_modes():
     assert "mode='dance'" in res.stderr and "train, serve" in res.stderr and "Traceback" not in res.stderr
     res = launch("mode=eval", "run=latest")
     assert res.returncode == 1 and "mode=eval is not available yet" in res.stderr and "merge" in res.stderr
+
+
+def test_each_method_brings_its_default_data_and_the_command_line_wins():
+    assert compose(["method=pt"]).data.name == "pretrain_demo"
+    assert compose(["method=dpo"]).data.name == "dpo_demo"
+    assert compose(["method=sft"]).data.name == "medical_demo"
+    assert compose(["method=dpo", "data=dpo_flat"]).data.name == "dpo_flat"
+    assert compose(["data=pretrain_demo_zh", "method=pt"]).data.name == "pretrain_demo_zh"
