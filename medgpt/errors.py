@@ -4,6 +4,8 @@
 marks the run directory's summary.json as failed and exits non-zero.
 """
 
+import signal
+
 
 class MedgptError(Exception):
     """Base class for errors whose message is meant for the user as it is."""
@@ -19,3 +21,14 @@ class DataError(MedgptError):
 
 class ModelError(MedgptError):
     """A model that cannot be found or loaded."""
+
+
+class RunInterrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint (not an error: the run can be resumed).
+
+    It lives here, not beside the interrupt guard, so that run.py can catch it without importing torch.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

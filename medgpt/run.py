@@ -26,9 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from medgpt import registry
 from medgpt.config import MODES, validate
-from medgpt.errors import ConfigError, MedgptError
+from medgpt.errors import ConfigError, MedgptError, RunInterrupted
 from medgpt.tracking import loggers, rundir
-from medgpt.tracking.guards import RunInterrupted
 from medgpt.tracking.resume import checkpoint_step, prepare_resume, truncate_metrics
 
 log = logging.getLogger("medgpt")

@@ -24,17 +24,9 @@ from collections import deque
 
 from transformers import TrainerCallback
 
-from medgpt.errors import MedgptError
+from medgpt.errors import MedgptError, RunInterrupted  # noqa: F401  (RunInterrupted is raised from here)
 
 TEST_INTERRUPT_ENV = "MEDGPT_TEST_INTERRUPT_AT_STEP"
-
-
-class RunInterrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint (not an error: the run can be resumed)."""
-
-    def __init__(self, signum: int, step: int, checkpoint: str | None):
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 class TrainingDiverged(MedgptError):
