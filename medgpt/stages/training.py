@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainingArguments
 
 from medgpt.data.templates import SAVED_TEMPLATE, Template, load_saved_template, resolve_template, stop_token_ids
-from medgpt.errors import ConfigError
+from medgpt.errors import ConfigError, RunInterrupted
 from medgpt.modeling.adapters import apply_adapter
 from medgpt.modeling.loader import DTYPES, Placement, load_model, load_tokenizer, resolve_model_path, resolve_placement
 from medgpt.tracking import loggers
-from medgpt.tracking.guards import EarlyStopping, InterruptGuard, LossWatchdog, RunInterrupted, TrainingDiverged
+from medgpt.tracking.guards import EarlyStopping, InterruptGuard, LossWatchdog, TrainingDiverged
 from medgpt.tracking.metrics import MetricsCallback, MetricsWriter, perplexity
 from medgpt.tracking.plots import plot_loss
 from medgpt.tracking.resume import checkpoint_step, latest_checkpoint

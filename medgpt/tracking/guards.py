@@ -24,7 +24,7 @@ from collections import deque
 
 from transformers import TrainerCallback
 
-from medgpt.errors import MedgptError, RunInterrupted  # noqa: F401  (RunInterrupted is raised from here)
+from medgpt.errors import MedgptError
 
 TEST_INTERRUPT_ENV = "MEDGPT_TEST_INTERRUPT_AT_STEP"
 
