@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medgpt import registry
 from medgpt.config import MODES, validate
@@ -158,7 +158,3 @@ def _seed(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(seed)
-
-
-def print_config(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)

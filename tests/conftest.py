@@ -31,8 +31,7 @@ def compose(overrides: list[str] | None = None):
 
 def launch(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python launch.py args...` from the project root; returns the finished process (never raises)."""
-    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR")
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | (env or {})  # errors as users see them
     return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
 

@@ -39,14 +39,6 @@ PARITY_PROMPTS = [
 ]
 
 
-def artefact_dir(run_dir: Path) -> Path:
-    """The folder holding the run's trained weights: merged/, model/ or adapter/."""
-    for name in ("merged", "model", "adapter"):
-        if (run_dir / name).is_dir():
-            return run_dir / name
-    raise ConfigError(f"{run_dir} has no trained weights (no merged/, model/ or adapter/); did the run complete?")
-
-
 def base_model_path(run_dir: Path) -> str:
     summary = read_summary(run_dir)
     if summary.get("base_model_path") and Path(summary["base_model_path"]).exists():
