@@ -1,9 +1,37 @@
-"""PEFT adapters: LoRA, DoRA and QLoRA (LoRA over a 4/8-bit base), or full fine-tuning for lora=none."""
+"""PEFT adapters: LoRA, DoRA and QLoRA (LoRA over a 4/8-bit base), or full fine-tuning for lora=none.
+
+Precision of what trains. `apply_adapter` leaves no trainable weight in fp16: the LoRA weights are
+cast to fp32 over an fp16 or bf16 base (PEFT's `autocast_adapter_dtype=True`, passed explicitly), and any
+other trainable fp16 weight (modules_to_save, or every weight for lora=none on an fp16 model) is cast
+to fp32 too. fp16 training then runs as autocast with fp32 weights, the only way the Trainer's fp16
+GradScaler works (it refuses fp16 gradients), and Adam updates are not rounded away. The dtypes the
+base model loads in come from medgpt.modeling.precision.
+
+QLoRA on the CPU. bitsandbytes (>= 0.49) has a fast CPU path for 4-bit layers on CPUs with AVX512-BF16:
+the first forward of a `Linear4bit` in eval mode without gradients (the evaluation before training does
+exactly that) repacks its weight in place into an inference-only layout, and every later forward, in
+train mode too, goes through `bitsandbytes::gemv_4bit`. That op computes in bf16 and has no autograd
+kernel, so no gradient flows back through a 4-bit layer, only along the residual stream and the adapters
+themselves: apart from the last layer's down_proj, every adapter gets a wrong gradient (on the tiny
+model, after one eval forward: relative errors 0.8 to 1.4, cosines 0.6 down to below 0), while training
+exits 0 and PyTorch only warns that this "may lead to silently incorrect behavior".
+`disable_4bit_cpu_packing` turns the repacking off on every `Linear4bit` of a model being trained
+(`support_avx512bf16_for_cpu = False`, the switch bitsandbytes itself reads) and unpacks any layer that
+was already repacked, so a model evaluated before `apply_adapter` trains correctly too (unpacking, done
+by bitsandbytes' own inverse, returns the 4-bit codes exactly but the block scales as rounded to bf16
+for the packed layout: weights within 0.3%, measured). Forwards then always de-quantise and run the
+autograd-aware `matmul_4bit`, in train and eval mode alike, so the eval loss is computed the way
+training computes the loss. Only models given to `apply_adapter` (training) are changed: a 4-bit model
+loaded for inference keeps the fast path. tests/test_qlora_cpu.py compares the adapter gradients with
+the same LoRA over the de-quantised fp32 weights.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 
+import torch
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
@@ -19,6 +47,7 @@ def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_check
     """Wrap `model` for training as `lora` says; returns the model to hand to the trainer."""
     if lora.name == "none":
         model.requires_grad_(True)
+        _upcast_fp16_trainables(model)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -34,7 +63,9 @@ def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_check
         target_modules=target_modules(lora, model_cfg), use_dora=lora.use_dora or lora.name == "dora",
         modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
     )
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config, autocast_adapter_dtype=True)  # LoRA weights in fp32 over an fp16/bf16 base
+    disable_4bit_cpu_packing(model)
+    _upcast_fp16_trainables(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("adapter: %s r=%d alpha=%d on %s: %.2fM trainable of %.1fM (%.2f%%)", lora.name, lora.r, lora.alpha,
              _leaf_names(config.target_modules), trainable / 1e6, total / 1e6, 100 * trainable / total)
@@ -43,3 +74,41 @@ def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_check
 
 def _leaf_names(modules) -> str:
     return modules if isinstance(modules, str) else ",".join(sorted({m.rsplit(".", 1)[-1] for m in modules}))
+
+
+def disable_4bit_cpu_packing(model) -> int:
+    """Keep bitsandbytes' 4-bit layers trainable on the CPU (see the module docstring); returns how many layers it unpacked.
+
+    Idempotent, and harmless on a GPU (the switch only concerns CPU forwards) or without 4-bit layers.
+    """
+    if "bitsandbytes" not in sys.modules:  # no 4-bit layer without it; importing it would only cost time and a log line
+        return 0
+    from bitsandbytes.nn import Linear4bit
+
+    unpacked = 0
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            # bitsandbytes' own inverse (what Linear4bit.cuda() and state_dict() use); the 4-bit codes come back exactly,
+            # the block scales as they were rounded to bf16 for the packed layout
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            if getattr(module, "quant_state", None) is not None:
+                module.quant_state = module.weight.quant_state
+            unpacked += 1
+    if unpacked:
+        log.info("unpacked %d 4-bit layers from bitsandbytes' CPU inference layout for training", unpacked)
+    return unpacked
+
+
+def _upcast_fp16_trainables(model) -> None:
+    """Cast every trainable fp16 weight to fp32 (fp16 mixed precision needs fp32 weights; see the module docstring)."""
+    upcast = [p for p in model.parameters() if p.requires_grad and p.dtype == torch.float16]
+    for p in upcast:
+        p.data = p.data.float()
+    if upcast:
+        log.info("trainable weights in fp32 over the fp16 model: %.2fM upcast", sum(p.numel() for p in upcast) / 1e6)

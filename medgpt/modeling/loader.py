@@ -19,35 +19,56 @@ from omegaconf import DictConfig
 
 from medgpt.errors import ModelError
 from medgpt.modeling.embedded import EMBEDDED, embedded_path
+from medgpt.modeling.precision import DTYPES, auto_dtype, cuda_bf16_native, resolve_precision, trainer_flags
+
+__all__ = ["DTYPES", "Placement", "load_model", "load_tokenizer", "resolve_model_path", "resolve_placement"]
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class Placement:
+    """Where and in what precision a model loads and trains (medgpt.modeling.precision has the rules)."""
+
     device: str  # cpu | cuda | mps
-    dtype: torch.dtype
+    dtype: torch.dtype  # the dtype the weights load in (also `load_dtype`)
     attn_implementation: str
+    mixed_precision: str | None = None  # the Trainer's autocast: "bf16" | "fp16" | None
+
+    @property
+    def load_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def trainer_flags(self) -> dict[str, bool]:
+        """{"bf16": ..., "fp16": ...} for transformers.TrainingArguments, from the resolved mixed precision."""
+        return trainer_flags(self.mixed_precision)
 
 
-def resolve_placement(hw: DictConfig) -> Placement:
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_placement(hw: DictConfig, full_finetune: bool = False) -> Placement:
+    """Device, load dtype, mixed precision and attention for `hardware` (auto detects; presets state them).
+
+    `full_finetune` (lora=none) loads fp32 master weights where the dtype is fp16; see medgpt.modeling.precision.
+    """
     device = hw.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"hardware={hw.name} asks for a CUDA GPU and none is visible: use hardware=cpu (or hardware=auto).")
-    dtype = hw.dtype
-    if dtype == "auto":
-        dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "fp32"
+    dtype = auto_dtype(device) if hw.dtype == "auto" else hw.dtype
+    load_dtype, mixed = resolve_precision(device, dtype, full_finetune)
     attn = hw.attn_implementation
     if attn in ("auto", "flash_attention_2"):
-        has_flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+        # flash-attn 2 runs on Ampere or newer (compute capability >= 8.0): a T4 gets sdpa, as hardware=t4 says
+        has_flash = device == "cuda" and _flash_attn_installed() and cuda_bf16_native()
         if attn == "flash_attention_2" and not has_flash:
-            log.warning("flash-attn is not available here (pip install 'medgpt[gpu]' on a CUDA machine); using sdpa attention")
+            log.warning("flash-attn is not available here (pip install 'medgpt[gpu]' on an Ampere or newer CUDA GPU); "
+                        "using sdpa attention")
         attn = "flash_attention_2" if has_flash else "sdpa"
-    return Placement(device, DTYPES[dtype], attn)
+    return Placement(device, load_dtype, attn, mixed)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

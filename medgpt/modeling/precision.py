@@ -1,0 +1,82 @@
+"""Precision from one place: the dtype the weights load in, and the mixed precision the Trainer runs.
+
+`resolve_precision(device, dtype, full_finetune)` turns the device and the hardware dtype, both already
+resolved, into `(load dtype, mixed precision)`. loader.resolve_placement stores both on the Placement, and
+`Placement.trainer_flags()` gives the Trainer its bf16/fp16 flags from them. So `hardware=auto` on a GPU
+and the preset for that GPU come out the same, and the Trainer never reads the raw `hardware.dtype`.
+
+    device  dtype  adapter (lora/qlora/dora)         full fine-tuning (lora=none)
+    cuda    bf16   bf16 weights, bf16 autocast       bf16 weights, bf16 autocast
+    cuda    fp16   fp16 weights, fp16 AMP            fp32 weights, fp16 AMP (fp32 master weights)
+    mps     bf16   bf16 weights, bf16 autocast       bf16 weights, bf16 autocast
+    mps     fp16   fp16 weights, no autocast         fp32 weights, no autocast
+    cpu     bf16   bf16 weights, no autocast         bf16 weights, no autocast
+    any     fp32   fp32 weights, no autocast         fp32 weights, no autocast
+
+- fp16 mixed precision (autocast + GradScaler) exists only on CUDA. Its GradScaler refuses fp16
+  gradients, so every trainable weight must be fp32: full fine-tuning loads fp32 master weights, and
+  adapters.apply_adapter keeps LoRA weights in fp32 over an fp16 base (see there).
+- On the CPU, bf16 is used only when asked for (`hardware.dtype=bf16`): the weights then load in bf16
+  and train without autocast, as before. `dtype=auto` on the CPU is fp32.
+- `dtype=auto` on CUDA is bf16 only where the GPU computes it natively (compute capability >= 8.0:
+  A100, H100, ...; or ROCm). `torch.cuda.is_bf16_supported()` is not asked: it answers True on a T4 or
+  V100 too, because bf16 can be emulated there (slowly), which would make `auto` differ from `t4`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIXED_PRECISION = ("bf16", "fp16")
+
+
+def cuda_capability() -> tuple[int, int]:
+    """The compute capability of the current CUDA device, e.g. (7, 5) for a T4, (8, 0) for an A100."""
+    return tuple(torch.cuda.get_device_capability())
+
+
+def cuda_bf16_native() -> bool:
+    """True when the visible GPU computes bf16 natively (Ampere or newer, or ROCm); False on T4 / V100."""
+    if torch.version.hip:
+        return True
+    return cuda_capability()[0] >= 8
+
+
+def auto_dtype(device: str) -> str:
+    """What `hardware.dtype=auto` means on `device` (already resolved: cuda | mps | cpu)."""
+    if device == "cuda":
+        return "bf16" if cuda_bf16_native() else "fp16"
+    return "fp32"
+
+
+def resolve_precision(device: str, dtype: str, full_finetune: bool = False) -> tuple[torch.dtype, str | None]:
+    """(the dtype the weights load in, the Trainer's mixed precision "bf16" | "fp16" | None); see the table above.
+
+    `device` is cuda | mps | cpu and `dtype` is fp32 | fp16 | bf16 (both already resolved from "auto").
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
+    if dtype == "bf16" and device == "cuda" and not torch.version.hip and cuda_capability()[0] < 8:
+        log.warning("hardware.dtype=bf16 on a GPU of compute capability %d.%d: bf16 is emulated there (slow); "
+                    "fp16 (hardware=t4, or hardware.dtype=fp16) is the native choice", *cuda_capability())
+    mixed = None
+    if dtype == "bf16" and device in ("cuda", "mps"):
+        mixed = "bf16"
+    elif dtype == "fp16" and device == "cuda":
+        mixed = "fp16"
+    load = DTYPES[dtype]
+    if full_finetune and dtype == "fp16":
+        load = torch.float32  # every weight trains: fp32 master weights, fp16 only inside autocast
+    return load, mixed
+
+
+def trainer_flags(mixed_precision: str | None) -> dict[str, bool]:
+    """transformers.TrainingArguments' `bf16` and `fp16` for a mixed precision "bf16" | "fp16" | None."""
+    if mixed_precision not in (None, *MIXED_PRECISION):
+        raise ValueError(f"unknown mixed precision {mixed_precision!r}")
+    return {"bf16": mixed_precision == "bf16", "fp16": mixed_precision == "fp16"}
