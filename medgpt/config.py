@@ -1,9 +1,11 @@
-"""Typed schemas behind the conf/ groups, and the cross-field rules that no schema can express.
+"""Typed schemas behind the conf/ groups, the limits of their values, and the cross-field rules.
 
 Every group option under conf/ starts its defaults list with one of the schemas stored here
 (`<group>_schema` or `<method>_schema`), so Hydra composes in struct mode: a misspelt key or a
-value of the wrong type fails at compose time with the key's full name. `validate()` then checks
-the rules that span groups (T4 has no bf16, QLoRA needs bitsandbytes, ...) before any work starts.
+value of the wrong type fails at compose time with the key's full name. Each number and each
+closed choice carries its limits on the schema field (`bounded(...)`, `choice(...)`); `validate()`
+checks them with `check_values()`, then the rules that span fields (T4 has no bf16, QLoRA needs
+bitsandbytes, ...) before any work starts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +25,64 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from medgpt.errors import ConfigError
 
 MODES = ("train", "serve", "chat", "predict", "merge", "eval", "compare", "webui")
+# transformers' SchedulerType values (kept here as data: composing a config imports no transformers)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+                 "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+MAX_SEED = 2**32 - 1  # numpy's limit (transformers.set_seed seeds numpy too)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The values a schema field accepts: bounds (ge/gt/le/lt, plus `also` values outside them) or a closed choice.
+
+    None always passes: an Optional field left unset is not a value to check.
+    """
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    also: tuple = ()  # accepted besides the bounds, e.g. method.max_steps=-1 (off)
+    options: tuple = ()  # a closed choice
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why `value` is refused (the sentence after `key=value`), or None when it is accepted."""
+        if value is None or value in self.also:
+            return None
+        if self.options:
+            return None if value in self.options else f"is not one of {', '.join(map(str, self.options))}."
+        rules = [(">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)]
+        # written as `not (value >= bound)`, so NaN is refused too
+        passes = {">=": lambda b: value >= b, ">": lambda b: value > b, "<=": lambda b: value <= b, "<": lambda b: value < b}
+        if all(passes[op](bound) for op, bound in rules if bound is not None):
+            return None
+        rule = " and ".join(f"{op} {bound if isinstance(bound, int) else format(bound, 'g')}" for op, bound in rules if bound is not None)
+        also = f" (or {', '.join(map(str, self.also))})" if self.also else ""
+        return f"is invalid: it must be {rule}{also}."
+
+
+def _limited_field(default: Any, limits: Limits) -> Any:
+    """A dataclass field carrying `limits` in its metadata (OmegaConf ignores metadata: struct mode is unchanged)."""
+    if default != MISSING and limits.problem(default):
+        raise ValueError(f"schema default {default!r} {limits.problem(default)}")
+    return field(default=default, metadata={"limits": limits})
+
+
+def bounded(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+            lt: Optional[float] = None, also: tuple = ()) -> Any:
+    """A schema field with numeric limits: `batch_size: int = bounded(4, ge=1)`; `also` lists accepted values outside them."""
+    return _limited_field(default, Limits(ge=ge, gt=gt, le=le, lt=lt, also=also))
+
+
+def choice(default: Any, *options: Any) -> Any:
+    """A schema field that takes one of `options` (the default among them, or MISSING/None): `choice("hf", "hf", "vllm")`."""
+    return _limited_field(default, Limits(options=options))
+
+
+def limits_of(f: dataclasses.Field) -> Optional[Limits]:
+    """The limits a schema field declares (None for free-form fields: names, paths, texts)."""
+    return f.metadata.get("limits")
 
 
 @dataclass
@@ -40,33 +101,34 @@ class DataConfig:
     name: str = MISSING
     train_files: list[str] = MISSING  # paths or globs, relative to the project root
     eval_files: list[str] = field(default_factory=list)
-    eval_split: float = 0.0  # fraction of train held out for eval when eval_files is empty
-    format: str = "auto"  # auto | sharegpt | messages | alpaca | text | preference
+    eval_split: float = bounded(0.0, ge=0, lt=1)  # fraction of train held out for eval when eval_files is empty
+    format: str = choice("auto", "auto", "sharegpt", "messages", "alpaca", "text", "preference")
     columns: dict[str, str] = field(default_factory=dict)  # rename fields: {our_name: their_name}
-    max_samples: Optional[int] = None  # keep the first N training records (eval: N // 4, at least 8)
-    on_error: str = "fail"  # fail | skip: what a malformed record does
+    max_samples: Optional[int] = bounded(None, ge=1)  # keep the first N training records (eval: N // 4, at least 8)
+    on_error: str = choice("fail", "fail", "skip")  # what a malformed record does: fail, or skip it (and count it)
     system_prompt: Optional[str] = None  # used for records that bring no system turn
 
 
 @dataclass
 class MethodConfig:
     name: str = MISSING
-    learning_rate: float = 2e-4
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    max_length: int = 512  # tokens per example (higher = more memory)
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
+    learning_rate: float = bounded(2e-4, gt=0)
+    epochs: float = bounded(1.0, gt=0)
+    max_steps: int = bounded(-1, gt=0, also=(-1,))  # > 0 overrides epochs; -1 = off
+    max_length: int = bounded(512, ge=16)  # tokens per example (higher = more memory)
+    warmup_ratio: float = bounded(0.05, ge=0, lt=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    lr_scheduler: str = choice("cosine", *LR_SCHEDULERS)
+    max_grad_norm: float = bounded(1.0, ge=0)  # 0 = no gradient clipping
     group_by_length: bool = True  # batch examples of similar length: less padding (1.5x faster on the demo data)
-    logging_steps: int = 1
-    eval_steps: int = 50  # 0 = evaluate only at the start and the end
-    save_steps: int = 0  # 0 = no intermediate checkpoints
-    save_total_limit: int = 2
-    sample_questions: int = 1  # held-out questions answered before and after training (0 = none)
-    sample_max_new_tokens: int = 64
-    early_stopping_patience: int = 0  # stop after this many evaluations without a lower eval loss (0 = off; needs eval_steps > 0)
+    logging_steps: int = bounded(1, ge=1)
+    eval_steps: int = bounded(50, ge=0)  # 0 = evaluate only at the start and the end
+    save_steps: int = bounded(0, ge=0)  # 0 = no intermediate checkpoints
+    save_total_limit: int = bounded(2, ge=1)
+    sample_questions: int = bounded(1, ge=0)  # held-out questions answered before and after training (0 = none)
+    sample_max_new_tokens: int = bounded(64, ge=1)
+    # stop after this many evaluations without a lower eval loss (0 = off; needs eval_steps > 0)
+    early_stopping_patience: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -83,32 +145,32 @@ class PTMethodConfig(MethodConfig):
 
 @dataclass
 class DPOMethodConfig(MethodConfig):
-    beta: float = 0.1
-    loss: str = "sigmoid"  # sigmoid | ipo | hinge | robust | orpo | simpo
-    label_smoothing: float = 0.0
+    beta: float = bounded(0.1, gt=0)
+    loss: str = choice("sigmoid", "sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")
+    label_smoothing: float = bounded(0.0, ge=0, lt=0.5)
     reference: str = "auto"  # auto | base | <run dir>
-    sft_weight: float = 0.0
+    sft_weight: float = bounded(0.0, ge=0)
     precompute_reference: bool = False  # reference log-probs computed once before training (no reference forward per step)
-    max_prompt_length: int = 256
-    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    max_prompt_length: int = bounded(256, ge=1)
+    simpo_gamma: float = bounded(0.5, ge=0)  # SimPO's target reward margin
 
 
 @dataclass
 class LoraConfig:
-    name: str = MISSING  # none | lora | qlora | dora
-    r: int = 16  # adapter rank (higher = more capacity and memory)
-    alpha: int = 32
-    dropout: float = 0.05
+    name: str = choice(MISSING, "none", "lora", "qlora", "dora")
+    r: int = bounded(16, ge=1)  # adapter rank (higher = more capacity and memory)
+    alpha: int = bounded(32, ge=1)
+    dropout: float = bounded(0.05, ge=0, lt=1)
     target_modules: Optional[list[str]] = None  # null = model.target_modules, else all linear layers
     modules_to_save: Optional[list[str]] = None
     use_dora: bool = False
-    quantization: Optional[str] = None  # null | 4bit (QLoRA: NF4 + double quant) | 8bit
+    quantization: Optional[str] = choice(None, "4bit", "8bit")  # null | 4bit (QLoRA: NF4 + double quant) | 8bit
 
 
 @dataclass
 class DeepSpeedConfig:
-    name: str = MISSING  # none | zero1 | zero2 | zero3 | zero3_offload
-    zero_stage: int = 0  # 0 = DeepSpeed off
+    name: str = MISSING  # none | zero1 | zero2 | zero3 | zero3_offload (a label: zero_stage and offload_* act)
+    zero_stage: int = choice(0, 0, 1, 2, 3)  # 0 = DeepSpeed off
     offload_optimizer: bool = False
     offload_param: bool = False
 
@@ -116,14 +178,14 @@ class DeepSpeedConfig:
 @dataclass
 class HardwareConfig:
     name: str = MISSING
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto | fp32 | fp16 | bf16
-    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
-    batch_size: int = 4
-    eval_batch_size: int = 8
-    grad_accum: int = 1
+    device: str = choice("auto", "auto", "cpu", "cuda", "mps")
+    dtype: str = choice("auto", *DTYPES)
+    attn_implementation: str = choice("auto", "auto", "sdpa", "eager", "flash_attention_2")
+    batch_size: int = bounded(4, ge=1)
+    eval_batch_size: int = bounded(8, ge=1)
+    grad_accum: int = bounded(1, ge=1)
     gradient_checkpointing: bool = False  # less memory, about 30% slower
-    num_workers: int = 0
+    num_workers: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -139,12 +201,12 @@ class TemplateConfig:
     assistant_end: str = ""
     stop: str = ""
     default_system: Optional[str] = None
-    system_position: str = "turn"  # turn | first_user
+    system_position: str = choice("turn", "turn", "first_user")
 
 
 @dataclass
 class LoggerConfig:
-    name: str = MISSING  # none | wandb | tensorboard (metrics.jsonl is always written)
+    name: str = choice(MISSING, "none", "wandb", "tensorboard")  # metrics.jsonl is always written
     project: str = "medgpt"  # W&B project
     entity: Optional[str] = None  # W&B team or user (null = your default entity)
     group: Optional[str] = None  # W&B group: the sweep a job belongs to (conf/logger/wandb.yaml)
@@ -152,43 +214,67 @@ class LoggerConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """How training processes start (conf/launcher); medgpt/launch/ runs it, the run directory is made once."""
+
+    name: str = choice("local", "local", "torchrun")  # local (this process) | torchrun (torch's elastic launcher, one process per device)
+    nproc_per_node: int = bounded(1, ge=1)  # processes per node: one per GPU; on CPU, processes with the gloo backend
+    nnodes: int = bounded(1, ge=1)
+    node_rank: int = bounded(0, ge=0)  # this node's rank, 0 .. nnodes - 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = bounded(29500, ge=1, le=65535)
+    rdzv_endpoint: Optional[str] = None  # host:port of the c10d rendezvous for multi-node (default master_addr:master_port)
+    backend: str = choice("auto", "auto", "nccl", "gloo")  # auto = nccl on CUDA, gloo on CPU
+    dry_run: bool = False  # print the commands (and the sbatch script under SLURM) instead of running them
+
+
+@dataclass
+class FSDPConfig:
+    """Fully sharded data parallel (torch FSDP through the Trainer); needs launcher=torchrun to shard across processes."""
+
+    name: str = choice("none", "none", "full_shard", "shard_grad_op")  # shard_grad_op: gradients + optimiser state only
+    auto_wrap: str = choice("decoder_layer", "decoder_layer")  # wrap each decoder layer (transformer_based_wrap)
+    cpu_offload: bool = False  # parameters in CPU memory between uses (least GPU memory, slowest)
+
+
+@dataclass
 class GenerationConfig:
     """Sampling defaults for chat, predict, serve and webui (requests may override them)."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.0
-    seed: Optional[int] = None
+    max_new_tokens: int = bounded(256, ge=1)
+    temperature: float = bounded(0.7, ge=0)  # 0 = greedy
+    top_p: float = bounded(0.9, gt=0, le=1)
+    top_k: int = bounded(50, ge=0)  # 0 = no top-k cut
+    repetition_penalty: float = bounded(1.0, gt=0)
+    seed: Optional[int] = bounded(None, ge=0, le=MAX_SEED)
 
 
 @dataclass
 class ServeConfig:
-    engine: str = "hf"  # hf (transformers; batches concurrent requests) | vllm (GPU, pip install 'medgpt[gpu]')
+    engine: str = choice("hf", "hf", "vllm")  # hf (transformers; batches concurrent requests) | vllm (GPU, pip install 'medgpt[gpu]')
     host: str = "127.0.0.1"  # 0.0.0.0 exposes the server to the network: set api_key then
-    port: int = 8000
+    port: int = bounded(8000, ge=1, le=65535)
     api_key: Optional[str] = None  # bearer key required on /v1/* (env MEDGPT_API_KEY works too)
     model_name: Optional[str] = None  # the id shown in /v1/models (default: the run's name)
-    max_batch_size: int = 8  # requests generated together in one batch (hf engine)
-    batch_wait_ms: int = 20  # how long the first request waits for others to join its batch
-    max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
-    webui_port: int = 7860
-    max_upload_kb: int = 200  # size limit of a document uploaded in the web UI
-    gpu_memory_utilization: float = 0.85  # vllm
+    max_batch_size: int = bounded(8, ge=1)  # requests generated together in one batch (hf engine)
+    batch_wait_ms: int = bounded(20, ge=0)  # how long the first request waits for others to join its batch
+    max_tokens_limit: int = bounded(1024, ge=1)  # the largest max_tokens a request may ask for
+    webui_port: int = bounded(7860, ge=1, le=65535)
+    max_upload_kb: int = bounded(200, ge=1)  # size limit of a document uploaded in the web UI
+    gpu_memory_utilization: float = bounded(0.85, gt=0, le=1)  # vllm
 
 
 @dataclass
 class PredictConfig:
     input: Optional[str] = None  # .txt (one prompt per line) or .jsonl (prompt | messages | conversations)
     output: Optional[str] = None  # .jsonl; rows already there are skipped (resumable)
-    batch_size: int = 8
+    batch_size: int = bounded(8, ge=1)
 
 
 @dataclass
 class MergeConfig:
-    dtype: str = "auto"  # auto (the training dtype) | fp32 | fp16 | bf16
-    parity_prompts: int = 3  # greedy outputs compared between adapter and merged model
+    dtype: str = choice("auto", *DTYPES)  # auto (the training dtype) | fp32 | fp16 | bf16
+    parity_prompts: int = bounded(3, ge=0)  # greedy outputs compared between adapter and merged model
 
 
 @dataclass
@@ -204,9 +290,9 @@ class WatchdogConfig:
     """Stops a run whose loss is not finite, or spikes for several steps, with a checkpoint and one sentence."""
 
     enabled: bool = True
-    threshold: float = 2.0  # a spike: a loss this far above the median of the recent losses (2 nats = 7x the perplexity)
-    patience: int = 3  # consecutive spiking logging steps before stopping (a NaN/Inf loss stops at once)
-    window: int = 20  # how many recent losses the median looks at
+    threshold: float = bounded(2.0, gt=0)  # a spike: a loss this far above the median of the recent losses (2 nats = 7x the perplexity)
+    patience: int = bounded(3, ge=1)  # consecutive spiking logging steps before stopping (a NaN/Inf loss stops at once)
+    window: int = bounded(20, ge=1)  # how many recent losses the median looks at
 
 
 @dataclass
@@ -214,7 +300,7 @@ class SweepConfig:
     """What a multirun sweep optimises: run() returns summary[metric] (Optuna reads it, sweep_summary marks the best)."""
 
     metric: str = "eval_loss"  # a summary.json key: eval_loss | train_loss | eval_reward_accuracy | ...
-    direction: str = "minimize"  # minimize | maximize
+    direction: str = choice("minimize", "minimize", "maximize")
 
 
 @dataclass
@@ -236,20 +322,22 @@ class PathsConfig:
 
 @dataclass
 class Config:
-    mode: str = "train"
+    mode: str = choice("train", *MODES)
     run: Any = None  # a finished run directory, or latest, for modes that read one (mode=compare: also a list)
     resume: bool = False  # with run=<dir>: continue an interrupted run from its last checkpoint, in the same directory
-    seed: int = 42
+    seed: int = bounded(42, ge=0, le=MAX_SEED)
     tag: Optional[str] = None  # appended to the run directory name
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
-    method: Any = MISSING  # one of the *MethodConfig schemas, chosen by method=<name>
+    method: Any = MISSING  # one of the *MethodConfig schemas, chosen by method=<name> (see method_schema)
     lora: LoraConfig = MISSING
     deepspeed: DeepSpeedConfig = MISSING
     hardware: HardwareConfig = MISSING
     template: TemplateConfig = MISSING
     logger: LoggerConfig = MISSING
+    launcher: LauncherConfig = MISSING
+    fsdp: FSDPConfig = MISSING
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
@@ -300,55 +388,90 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("medgpt_dirname", _dirname, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for group, node in [
-        ("model", ModelConfig),
-        ("data", DataConfig),
-        ("lora", LoraConfig),
-        ("deepspeed", DeepSpeedConfig),
-        ("hardware", HardwareConfig),
-        ("template", TemplateConfig),
-        ("logger", LoggerConfig),
-    ]:
+    for group, node in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=node)
     for name, node in [("pt", PTMethodConfig), ("sft", SFTMethodConfig), ("dpo", DPOMethodConfig), ("method", MethodConfig)]:
         cs.store(group="method", name=f"{name}_schema", node=node)
 
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
-
-
 GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "deepspeed": DeepSpeedConfig,
-                 "hardware": HardwareConfig, "template": TemplateConfig, "logger": LoggerConfig}
+                 "hardware": HardwareConfig, "template": TemplateConfig, "logger": LoggerConfig,
+                 "launcher": LauncherConfig, "fsdp": FSDPConfig}
 METHOD_SCHEMAS = {"pt": PTMethodConfig, "sft": SFTMethodConfig, "dpo": DPOMethodConfig}
+
+# The top-level nodes whose values check_values() checks, per mode (the top-level keys mode and seed always):
+# the nodes that mode reads. Serving loads with model/template/hardware (dtype, device) besides run=<dir>;
+# training never reads serve/predict, so a stray serve.port=0 does not stop a training run (and vice versa).
+SERVING_NODES = ("model", "template", "hardware", "generation", "serve")
+CHECKED_NODES = {
+    "train": ("model", "data", "method", "lora", "deepspeed", "hardware", "template", "logger", "launcher", "fsdp",
+              "watchdog", "sweep", "merge"),  # merge: method=pipeline merges the last adapter
+    "serve": SERVING_NODES, "chat": SERVING_NODES, "webui": SERVING_NODES,
+    "predict": (*SERVING_NODES, "predict"),
+    "merge": ("merge",),
+    "eval": ("model", "data", "template", "hardware", "generation"),
+    "compare": ("compare",),
+}
+
+
+def method_schema(name: str) -> type:
+    """The schema of method=<name> (MethodConfig for methods without knobs of their own, e.g. pipeline)."""
+    return METHOD_SCHEMAS.get(name, MethodConfig)
+
+
+def node_schema(cfg: DictConfig, key: str) -> type:
+    """The schema behind the top-level node `key` of a composed config (method: chosen by method.name)."""
+    if key == "method":
+        return method_schema(cfg.method.name)
+    return typing.get_type_hints(Config)[key]
 
 
 def check_known_keys(cfg: DictConfig) -> None:
     """Keys forced in with `+group.key=...` bypass struct mode; refuse them here instead of ignoring them."""
-    schemas = dict(GROUP_SCHEMAS, method=METHOD_SCHEMAS.get(cfg.method.name, MethodConfig))
-    for group, schema in schemas.items():
-        known = {f.name for f in dataclasses.fields(schema)}
+    for group in [*GROUP_SCHEMAS, "method"]:
+        known = {f.name for f in dataclasses.fields(node_schema(cfg, group))}
         unknown = sorted(set(cfg[group].keys()) - known)
         if unknown:
             raise ConfigError(f"unknown key {group}.{unknown[0]} (known: {', '.join(sorted(known))}).")
 
 
+def check_fields(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """Every field of `schema` that declares limits (bounded/choice) holds an accepted value in `node`;
+    works for any dataclass whose fields carry that metadata. Raises ConfigError naming `prefix + key`."""
+    for f in dataclasses.fields(schema):
+        limits = limits_of(f)
+        if limits is None or f.name not in node or OmegaConf.is_missing(node, f.name):
+            continue
+        value = node[f.name]
+        problem = limits.problem(value)
+        if problem:
+            raise ConfigError(f"{prefix}{f.name}={value!r} {problem}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Each value within its field's limits: the top-level mode and seed always, then the nodes the mode reads
+    (CHECKED_NODES): train checks the training groups, launcher, fsdp, watchdog, sweep and merge; serve, chat
+    and webui check model, template, hardware, generation and serve (predict adds predict); merge checks
+    merge; compare checks compare; eval checks model, data, template, hardware and generation."""
+    check_fields(cfg, Config)
+    for key in CHECKED_NODES[cfg.mode]:
+        check_fields(cfg[key], node_schema(cfg, key), f"{key}.")
+
+
+def _non_default(node: DictConfig, schema: type) -> Optional[str]:
+    """The first key of `node` (other than name) whose value differs from the schema's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(schema)}
+    return next((k for k, v in defaults.items() if k != "name" and node.get(k) != v), None)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Cross-field rules; raises ConfigError with one sentence naming the keys involved."""
-    _choice("mode", cfg.mode, MODES)
+    """Values within their limits (check_values), then cross-field rules; raises ConfigError with one sentence
+    naming the keys involved. The cross-field rules are the training run's: other modes stop after the values."""
+    check_values(cfg)
     check_known_keys(cfg)
     if cfg.mode != "train":
         return
-    m, hw, lora, data = cfg.method, cfg.hardware, cfg.lora, cfg.data
-    _choice("hardware.dtype", hw.dtype, ("auto", "fp32", "fp16", "bf16"))
-    _choice("hardware.device", hw.device, ("auto", "cpu", "cuda", "mps"))
-    _choice("hardware.attn_implementation", hw.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
-    _choice("data.format", data.format, ("auto", "sharegpt", "messages", "alpaca", "text", "preference"))
-    _choice("data.on_error", data.on_error, ("fail", "skip"))
-    _choice("lora.name", lora.name, ("none", "lora", "qlora", "dora"))
-    _choice("lora.quantization", lora.quantization, (None, "4bit", "8bit"))
-    _choice("template.system_position", cfg.template.system_position, ("turn", "first_user"))
+    hw, lora, ds, launcher, fsdp = cfg.hardware, cfg.lora, cfg.deepspeed, cfg.launcher, cfg.fsdp
     if hw.name == "t4" and hw.dtype == "bf16":
         raise ConfigError("hardware=t4 has no bf16 support: use hardware.dtype=fp16 (or fp32).")
     if hw.device == "cpu" and hw.dtype == "fp16":
@@ -357,22 +480,23 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("lora.quantization needs an adapter: use lora=qlora (or lora=lora with lora.quantization).")
     if lora.quantization and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("lora=qlora needs bitsandbytes: pip install 'bitsandbytes>=0.49'.")
-    if lora.quantization and cfg.deepspeed.zero_stage == 3:
+    if lora.quantization and ds.zero_stage == 3:
         raise ConfigError("QLoRA (lora.quantization) cannot be combined with deepspeed=zero3: use zero2 or none.")
-    if lora.r <= 0 or lora.alpha <= 0:
-        raise ConfigError(f"lora.r and lora.alpha must be positive (got r={lora.r}, alpha={lora.alpha}).")
-    if not 0.0 <= data.eval_split < 1.0:
-        raise ConfigError(f"data.eval_split must be in [0, 1) (got {data.eval_split}).")
-    if m.max_length < 16:
-        raise ConfigError(f"method.max_length={m.max_length} is too short: use at least 16 tokens.")
-    if m.learning_rate <= 0:
-        raise ConfigError(f"method.learning_rate must be positive (got {m.learning_rate}).")
-    if m.epochs <= 0 and m.max_steps <= 0:
-        raise ConfigError("set method.epochs > 0 or method.max_steps > 0.")
-    _choice("sweep.direction", cfg.sweep.direction, ("minimize", "maximize"))
-    if m.get("early_stopping_patience", 0) < 0 or cfg.watchdog.patience < 1 or cfg.watchdog.threshold <= 0:
-        raise ConfigError("method.early_stopping_patience must be >= 0, watchdog.patience >= 1 and watchdog.threshold > 0.")
-    if m.name == "dpo":
-        _choice("method.loss", m.loss, ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo"))
-        if not 0.0 <= m.label_smoothing < 0.5:
-            raise ConfigError(f"method.label_smoothing must be in [0, 0.5) (got {m.label_smoothing}).")
+    # multi-process training: what can be told without probing devices (config.py imports no torch)
+    if launcher.name == "local" and (key := _non_default(launcher, LauncherConfig)):
+        raise ConfigError(f"launcher.{key}={launcher[key]} needs a multi-process launcher: add launcher=torchrun "
+                          "(launcher=local runs this one process).")
+    if launcher.node_rank >= launcher.nnodes:
+        raise ConfigError(f"launcher.node_rank={launcher.node_rank} must be below launcher.nnodes={launcher.nnodes} "
+                          "(node ranks count from 0).")
+    if launcher.rdzv_endpoint is not None and not re.fullmatch(r"[^\s:]+:\d{1,5}", str(launcher.rdzv_endpoint)):
+        raise ConfigError(f"launcher.rdzv_endpoint={launcher.rdzv_endpoint!r} is not host:port (e.g. node0:29400).")
+    if launcher.backend == "nccl" and hw.device == "cpu":
+        raise ConfigError("launcher.backend=nccl needs CUDA GPUs but hardware.device=cpu: use launcher.backend=gloo (or auto).")
+    if fsdp.name == "none" and (key := _non_default(fsdp, FSDPConfig)):
+        raise ConfigError(f"fsdp.{key} has no effect with fsdp=none: add fsdp=full_shard (or shard_grad_op).")
+    if fsdp.name != "none" and ds.zero_stage > 0:
+        raise ConfigError(f"fsdp={fsdp.name} and deepspeed={ds.name} both shard the model: pick one (fsdp=none or deepspeed=none).")
+    if fsdp.name != "none" and lora.quantization:
+        raise ConfigError(f"fsdp={fsdp.name} with QLoRA (lora.quantization={lora.quantization}) is not supported here: "
+                          "use fsdp=none (deepspeed=zero2 shards QLoRA), or lora=lora.")

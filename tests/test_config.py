@@ -57,7 +57,7 @@ def test_knobs_of_other_methods_are_refused():
 @pytest.mark.parametrize("overrides,message", [
     (["hardware=t4", "hardware.dtype=bf16"], "t4 has no bf16"),
     (["lora=none", "lora.quantization=4bit"], "needs an adapter"),
-    (["method.learning_rate=-1"], "learning_rate must be positive"),
+    (["method.learning_rate=-1"], r"method\.learning_rate=-1\.0 is invalid: it must be > 0"),
     (["data.eval_split=1.5"], "eval_split"),
     (["hardware.dtype=fp8"], "hardware.dtype"),
     (["method=dpo", "method.loss=kto"], "method.loss"),
