@@ -1,0 +1,1 @@
+"""Helpers for tests/test_launch.py that run in child processes (importable with PYTHONPATH=tests)."""
