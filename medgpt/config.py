@@ -121,6 +121,7 @@ class MethodConfig:
     lr_scheduler: str = choice("cosine", *LR_SCHEDULERS)
     max_grad_norm: float = bounded(1.0, ge=0)  # 0 = no gradient clipping
     group_by_length: bool = True  # batch examples of similar length: less padding (1.5x faster on the demo data)
+    shuffle: bool = True  # false = the data's own order (and no length grouping): reproducible batches, e.g. to compare runs
     logging_steps: int = bounded(1, ge=1)
     eval_steps: int = bounded(50, ge=0)  # 0 = evaluate only at the start and the end
     save_steps: int = bounded(0, ge=0)  # 0 = no intermediate checkpoints
@@ -129,30 +130,6 @@ class MethodConfig:
     sample_max_new_tokens: int = bounded(64, ge=1)
     # stop after this many evaluations without a lower eval loss (0 = off; needs eval_steps > 0)
     early_stopping_patience: int = bounded(0, ge=0)
-
-
-@dataclass
-class SFTMethodConfig(MethodConfig):
-    train_on_inputs: bool = False  # true = also train on system/user tokens
-    packing: bool = False  # pack several examples per row (position ids keep them apart)
-
-
-@dataclass
-class PTMethodConfig(MethodConfig):
-    packing: bool = True
-    drop_last_block: bool = False
-
-
-@dataclass
-class DPOMethodConfig(MethodConfig):
-    beta: float = bounded(0.1, gt=0)
-    loss: str = choice("sigmoid", "sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")
-    label_smoothing: float = bounded(0.0, ge=0, lt=0.5)
-    reference: str = "auto"  # auto | base | <run dir>
-    sft_weight: float = bounded(0.0, ge=0)
-    precompute_reference: bool = False  # reference log-probs computed once before training (no reference forward per step)
-    max_prompt_length: int = bounded(256, ge=1)
-    simpo_gamma: float = bounded(0.5, ge=0)  # SimPO's target reward margin
 
 
 @dataclass
@@ -390,14 +367,14 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     for group, node in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=node)
-    for name, node in [("pt", PTMethodConfig), ("sft", SFTMethodConfig), ("dpo", DPOMethodConfig), ("method", MethodConfig)]:
-        cs.store(group="method", name=f"{name}_schema", node=node)
+    cs.store(group="method", name="method_schema", node=MethodConfig)
+    for name, stage in _methods().items():  # each method declares its schema in medgpt/stages/methods/<name>.py
+        cs.store(group="method", name=f"{name}_schema", node=stage.schema)
 
 
 GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "deepspeed": DeepSpeedConfig,
                  "hardware": HardwareConfig, "template": TemplateConfig, "logger": LoggerConfig,
                  "launcher": LauncherConfig, "fsdp": FSDPConfig}
-METHOD_SCHEMAS = {"pt": PTMethodConfig, "sft": SFTMethodConfig, "dpo": DPOMethodConfig}
 
 # The top-level nodes whose values check_values() checks, per mode (the top-level keys mode and seed always):
 # the nodes that mode reads. Serving loads with model/template/hardware (dtype, device) besides run=<dir>;
@@ -416,7 +393,14 @@ CHECKED_NODES = {
 
 def method_schema(name: str) -> type:
     """The schema of method=<name> (MethodConfig for methods without knobs of their own, e.g. pipeline)."""
-    return METHOD_SCHEMAS.get(name, MethodConfig)
+    stage = _methods().get(name)
+    return stage.schema if stage else MethodConfig
+
+
+def _methods() -> dict:
+    from medgpt.stages.protocol import methods  # import-light: no torch
+
+    return methods()
 
 
 def node_schema(cfg: DictConfig, key: str) -> type:

@@ -23,6 +23,10 @@ class ModelError(MedgptError):
     """A model that cannot be found or loaded."""
 
 
+class ArtefactError(MedgptError):
+    """A trained model that could not be written where it belongs (the message says where it went instead)."""
+
+
 class RunInterrupted(Exception):
     """Training stopped on a signal after saving a checkpoint (not an error: the run can be resumed).
 

@@ -41,7 +41,7 @@ EXEMPT = {
         "ModelConfig.template", "SweepConfig.metric", "CompareConfig.sort_by"),
 }
 EXEMPT_FIELDS = {name for names in EXEMPT.values() for name in names}
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))  # pipeline: MethodConfig
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 

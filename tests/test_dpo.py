@@ -130,7 +130,7 @@ def _setup(tiny_path, init_from=None):
 
 
 def test_reference_selection(tiny_path):
-    from medgpt.stages.dpo import choose_reference
+    from medgpt.stages.preference import choose_reference
 
     policy = torch.nn.Linear(2, 2)
     assert choose_reference(_cfg(loss="orpo"), _setup(tiny_path), policy).kind == "none"

@@ -109,7 +109,7 @@ def test_the_three_sample_formats_hold_the_same_dialogues():
 
     loaded = {}
     for name in ("sharegpt", "messages", "alpaca"):
-        train, held, stats = load_train_eval(compose([f"data={name}"]).data, ROOT, seed=1, stage="sft")
+        train, held, stats = load_train_eval(compose([f"data={name}"]).data, ROOT, seed=1)
         assert stats["format"] == name and len(train) + len(held) == 40
         loaded[name] = [r.messages for r in train + held]
     assert loaded["sharegpt"] == loaded["messages"]

@@ -159,8 +159,8 @@ def test_sweep_summary_is_rewritten_from_the_jobs_found_so_far(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("method.early_stopping_patience=-1", "early_stopping_patience must be >= 0"),
-    ("watchdog.patience=0", "watchdog.patience >= 1"),
+    ("method.early_stopping_patience=-1", "method.early_stopping_patience=-1 is invalid"),
+    ("watchdog.patience=0", "watchdog.patience=0 is invalid"),
     ("sweep.direction=up", "sweep.direction"),
 ])
 def test_guard_and_sweep_knobs_are_validated(override, message):

@@ -11,15 +11,8 @@ from datasets import Dataset
 from omegaconf import DictConfig
 
 from medgpt.data.cache import cached_datasets, content_key, tokenizer_fingerprint
-from medgpt.data.formats import Record, expand_files, load_records
+from medgpt.data.formats import Record, detect_format, expand_files, iter_raw, load_records
 from medgpt.errors import DataError
-
-STAGE_FORMATS = {
-    "sft": ("sharegpt", "messages", "alpaca"),
-    "pt": ("text",),
-    "dpo": ("preference",),
-}
-STAGE_FOR_FORMAT = {"text": "pt", "preference": "dpo", "sharegpt": "sft", "messages": "sft", "alpaca": "sft"}
 
 
 def eval_limit(max_samples: int | None) -> int | None:
@@ -37,13 +30,27 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def load_train_eval(data: DictConfig, root: Path, seed: int, stage: str) -> tuple[list[Record], list[Record], dict]:
-    """(train records, eval records, stats); refuses data whose format the stage cannot train on."""
+def data_format(data: DictConfig, root: Path) -> tuple[str, str]:
+    """(the format of data.train_files, where it was seen): data.format, or detected from the first record."""
+    train_files = expand_files(list(data.train_files), root)
+    if data.format != "auto":
+        return data.format, str(train_files[0])
+    for path in train_files:
+        for lineno, raw in iter_raw(path):
+            if isinstance(raw, DataError):
+                continue  # load_records reports it (or skips it with data.on_error=skip)
+            try:
+                return detect_format(raw, f"{path}:{lineno}"), str(path)
+            except DataError:
+                if data.on_error != "skip":
+                    raise
+    raise DataError(f"no usable records in {', '.join(map(str, train_files))}.")
+
+
+def load_train_eval(data: DictConfig, root: Path, seed: int) -> tuple[list[Record], list[Record], dict]:
+    """(train records, eval records, stats)."""
     train_files = expand_files(list(data.train_files), root)
     train, report, fmt = load_records(train_files, data.format, data.columns, data.on_error, data.system_prompt, data.max_samples)
-    if fmt not in STAGE_FORMATS[stage]:
-        raise DataError(f"{train_files[0]}: holds {fmt} data, but method={stage} needs {' or '.join(STAGE_FORMATS[stage])} data; "
-                        f"use method={STAGE_FOR_FORMAT[fmt]} or another data file.")
     stats = {"format": fmt, "skipped": report.skipped}
     if data.eval_files:
         held, eval_report, _ = load_records(expand_files(list(data.eval_files), root), fmt, data.columns, data.on_error,
@@ -82,7 +89,7 @@ Encoder = Callable[[list[Record], str], tuple[Dataset, dict]]  # (records, split
 def tokenised_splits(cfg: DictConfig, stage: str, tokenizer, template, encode: Encoder) -> StageData:
     """Records of both splits, encoded by `encode` once and then served from the content-hash cache."""
     root = Path(cfg.paths.root)
-    train_rec, eval_rec, stats = load_train_eval(cfg.data, root, cfg.seed, stage)
+    train_rec, eval_rec, stats = load_train_eval(cfg.data, root, cfg.seed)
     key = content_key(data_files(cfg.data, root), cache_settings(cfg, stage, template, tokenizer_fingerprint(tokenizer)))
 
     def build():

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medgpt.data.templates import Template, load_saved_template, resolve_template, stop_token_ids
 from medgpt.errors import ConfigError, ModelError
-from medgpt.tracking.rundir import read_summary, resolve_run, trained_run
+from medgpt.tracking.rundir import RunDir, resolve_run, trained_run
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Artefacts:
     template: Template
     template_source: str
     trust_remote_code: bool = False
+    stop_ids: list[int] | None = None  # saved by training (summary.json); None: derive them from the template
 
 
 @dataclass
@@ -89,23 +90,23 @@ def resolve_artefacts(cfg: DictConfig) -> Artefacts:
 
     run_dir = resolve_run(cfg.run, Path(cfg.paths.output_dir)).resolve()
     run_dir = trained_run(run_dir).resolve()  # a pipeline's root directory: serve its last stage
-    summary = read_summary(run_dir)
-    run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    trust = bool(OmegaConf.select(run_cfg, "model.trust_remote_code", default=False))
+    run = RunDir(run_dir)
+    summary = run.read_summary()
+    run_cfg = OmegaConf.load(run.config)
+    trust = bool(cfg.model.trust_remote_code)  # this command's setting, never the run's saved one (it could come from anyone)
+    if OmegaConf.select(run_cfg, "model.trust_remote_code", default=False) and not trust:
+        log.warning("run %s trained with model.trust_remote_code=true; pass model.trust_remote_code=true to serve it with remote code", run_dir)
     if summary.get("status") not in (None, "completed"):
         log.warning("run %s has status %r; serving what it saved", run_dir, summary.get("status"))
     adapter_path = None
-    for weights in ("merged", "model"):
-        folder = run_dir / weights
-        if (folder / "config.json").exists():
-            model_path = str(folder)
-            break
-    else:
-        folder, weights = run_dir / "adapter", "adapter"
-        if not (folder / "adapter_config.json").exists():
-            raise ModelError(f"run {run_dir} has no merged/, model/ or adapter/ to serve; did its training finish?")
+    found = run.weights()
+    if found is None:
+        raise ModelError(f"run {run_dir} has no merged/, model/ or adapter/ to serve; did its training finish?")
+    weights, folder = found
+    model_path = str(folder)
+    if weights == "adapter":
         adapter_path = str(folder)
-        model_path = summary.get("base_model_path")
+        model_path = run.base_model_path()
         if not model_path or not Path(model_path).exists():
             name = OmegaConf.select(run_cfg, "model.name_or_path")
             if not name:
@@ -121,7 +122,7 @@ def resolve_artefacts(cfg: DictConfig) -> Artefacts:
     else:
         template, source = saved, f"{folder.name}/medgpt_template.yaml"
     return Artefacts(cfg.serve.model_name or run_dir.name, run_dir, weights, model_path, adapter_path, tokenizer_path, template,
-                     source, trust)
+                     source, trust, None if override else summary.stop_token_ids)
 
 
 def load(cfg: DictConfig, max_batch_size: int | None = None) -> Loaded:
@@ -136,7 +137,7 @@ def load(cfg: DictConfig, max_batch_size: int | None = None) -> Loaded:
         require_vllm()  # fail in one sentence before loading anything
     artefacts = resolve_artefacts(cfg)
     tokenizer = load_tokenizer(artefacts.tokenizer_path, artefacts.trust_remote_code)
-    stop_ids = stop_token_ids(tokenizer, artefacts.template)
+    stop_ids = artefacts.stop_ids or stop_token_ids(tokenizer, artefacts.template)
     stop_string = artefacts.template.stop_string(tokenizer.bos_token, tokenizer.eos_token)
     batch = max_batch_size or cfg.serve.max_batch_size
     if cfg.serve.engine == "vllm":

@@ -27,7 +27,7 @@ from medgpt.errors import ConfigError
 from medgpt.modeling.generate import generate_answers
 from medgpt.modeling.loader import DTYPES
 from medgpt.registry import register
-from medgpt.tracking.rundir import read_summary, resolve_run, trained_run, write_json
+from medgpt.tracking.rundir import RunDir, resolve_run, trained_run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ PARITY_PROMPTS = [
     "Is a fever of 38.5 C in a two-year-old dangerous?",
     "What does a high LDL cholesterol result mean?",
 ]
-
-
-def base_model_path(run_dir: Path) -> str:
-    summary = read_summary(run_dir)
-    if summary.get("base_model_path") and Path(summary["base_model_path"]).exists():
-        return summary["base_model_path"]
-    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
-    return adapter_config["base_model_name_or_path"]
 
 
 def _parity(model, tokenizer, template: Template | None, n_prompts: int) -> tuple[list[str], torch.Tensor]:
@@ -61,12 +53,13 @@ def merge_run(run_dir: Path, dtype: str = "auto", parity_prompts: int = 3) -> Pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = run_dir / "adapter"
+    run = RunDir(run_dir)
+    adapter = run.artefact("adapter")
     if not adapter.is_dir():
-        what = "model/ already holds the full fine-tuned model" if (run_dir / "model").is_dir() else "it has no adapter/"
+        what = "model/ already holds the full fine-tuned model" if run.artefact("model").is_dir() else "it has no adapter/"
         raise ConfigError(f"nothing to merge in {run_dir}: {what}.")
-    base = base_model_path(run_dir)
-    summary = read_summary(run_dir)
+    base = run.base_model_path()
+    summary = run.read_summary()
     name = summary.get("dtype", "fp32") if dtype == "auto" else dtype  # auto: the dtype the run trained in
     if name not in DTYPES:
         raise ConfigError(f"merge.dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}.")
@@ -79,7 +72,7 @@ def merge_run(run_dir: Path, dtype: str = "auto", parity_prompts: int = 3) -> Pa
     merged = model.merge_and_unload().to(torch_dtype)
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer, template)
 
-    out = run_dir / "merged"
+    out = run.artefact("merged")
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".merged-"))
     try:
         merged.save_pretrained(tmp)
@@ -96,9 +89,10 @@ def merge_run(run_dir: Path, dtype: str = "auto", parity_prompts: int = 3) -> Pa
             "max_logit_diff": float((logits_adapter - logits_merged).abs().max()),
         }
         write_json(tmp / "merge_report.json", report)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        with run.update_lock():  # merged/ appears whole, and never while another mode adds to the run
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("merged model: %s (greedy equal: %s, max logit difference %.2e)", out, report["greedy_equal"], report["max_logit_diff"])
@@ -107,10 +101,9 @@ def merge_run(run_dir: Path, dtype: str = "auto", parity_prompts: int = 3) -> Pa
 
 def ensure_full_model(run_dir: Path) -> Path:
     """A folder with the run's full weights: merged/ (merging the adapter on first use) or model/."""
-    if (run_dir / "merged" / "config.json").exists():
-        return run_dir / "merged"
-    if (run_dir / "model" / "config.json").exists():
-        return run_dir / "model"
+    weights = RunDir(run_dir).weights()
+    if weights and weights[0] != "adapter":
+        return weights[1]
     return merge_run(run_dir)
 
 

@@ -1,11 +1,12 @@
-"""PT -> SFT -> DPO in one run directory (method=pipeline, e.g. experiment=medical_pipeline).
+"""Training methods chained in one run directory (method=pipeline, e.g. experiment=medical_pipeline: PT -> SFT -> DPO).
 
-Each stage in `pipeline.stages` is composed like a command line of its own — `method=<stage>`,
-`data=<pipeline.data[stage]>`, the pipeline's own command-line overrides (model=..., debug=smoke,
+Each stage in `pipeline.stages` (any declared method: medgpt.stages.protocol) is composed like a
+command line of its own — `method=<stage>`, `data=<pipeline.data[stage]>` (a stage without an entry
+uses its method's default data), the pipeline's own command-line overrides (model=..., debug=smoke,
 hardware=..., ...), then `pipeline.overrides[stage]` — and runs in `<run>/<i>-<stage>/` with the full
 run layout, initialised from the previous stage (`model.init_from`: its merged weights and its
 template). The last stage's adapter is merged (`pipeline.merge`). The root summary.json lists every
-stage's metrics, held-out eval loss after each stage included.
+stage's metrics (the common ones and those its method reports), held-out eval loss after each stage included.
 """
 
 from __future__ import annotations
@@ -22,67 +23,69 @@ from medgpt import registry
 from medgpt.config import validate
 from medgpt.errors import ConfigError
 from medgpt.registry import register
-from medgpt.tracking import rundir
+from medgpt.stages.protocol import methods
+from medgpt.tracking.rundir import RunDir
 
 log = logging.getLogger(__name__)
-STAGES = ("pt", "sft", "dpo")
 NOT_PASSED_ON = ("experiment=", "method=", "data=", "pipeline.", "hydra.", "model.init_from=", "+pipeline.", "tag=")
+REPORTED = ("eval_loss_before", "eval_loss", "train_loss", "steps", "tokens_seen")  # every stage's row
 
 
 def stage_overrides(cfg: DictConfig, stage: str, previous: str | None) -> list[str]:
-    if stage not in cfg.pipeline.data:
-        raise ConfigError(f"pipeline.data has no data for stage {stage}: add pipeline.data.{stage}=<data option>.")
     passed_on = [o for o in HydraConfig.get().overrides.task if not o.lstrip("~+").startswith(NOT_PASSED_ON)]
-    overrides = [f"method={stage}", f"data={cfg.pipeline.data[stage]}", *passed_on, *cfg.pipeline.overrides.get(stage, [])]
+    data = [f"data={cfg.pipeline.data[stage]}"] if stage in cfg.pipeline.data else []  # else the method's default data
+    overrides = [f"method={stage}", *data, *passed_on, *cfg.pipeline.overrides.get(stage, [])]
     return overrides + ([f"model.init_from={previous}"] if previous else [])
 
 
 def _stage_log(stage_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(stage_dir / "train.log")
+    handler = logging.FileHandler(RunDir(stage_dir).log_file(0))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
 
 
 @register("pipeline")
-def pipeline(cfg: DictConfig, run_dir: Path) -> dict:
-    unknown = [s for s in cfg.pipeline.stages if s not in STAGES]
+def pipeline(cfg: DictConfig, run_dir: RunDir) -> dict:
+    declared = methods()
+    unknown = [s for s in cfg.pipeline.stages if s not in declared]
     if unknown or not cfg.pipeline.stages:
-        raise ConfigError(f"pipeline.stages={list(cfg.pipeline.stages)}: use a sequence of {', '.join(STAGES)}.")
+        raise ConfigError(f"pipeline.stages={list(cfg.pipeline.stages)}: use a sequence of {', '.join(declared)}.")
     previous, results = cfg.model.init_from, []
     for i, stage in enumerate(cfg.pipeline.stages, 1):
-        stage_dir = run_dir / f"{i}-{stage}"
         overrides = stage_overrides(cfg, stage, previous)
-        log.info("pipeline stage %d/%d: %s -> %s", i, len(cfg.pipeline.stages), stage, stage_dir)
         sub = compose(config_name="config", overrides=overrides)
-        rundir.init_run_dir(stage_dir, sub, overrides)
-        handler, started = _stage_log(stage_dir), time.time()
+        validate(sub)
+        run = RunDir.claim(Path(run_dir) / f"{i}-{stage}", named_by_user=True)
+        log.info("pipeline stage %d/%d: %s -> %s", i, len(cfg.pipeline.stages), stage, run)
+        run.write_config(sub)
+        run.start(sub, overrides)
+        run.begin_summary()
+        handler, started = _stage_log(run.path), time.time()
         try:
-            rundir.write_config(stage_dir, sub)
-            validate(sub)
-            summary = registry.get(stage)(sub, stage_dir)
+            summary = registry.get(stage)(sub, run)
         except BaseException as e:
-            rundir.finish(stage_dir, "failed", {"wall_time_s": round(time.time() - started, 2)}, error=f"{e}")
+            run.finish("failed", {"wall_time_s": round(time.time() - started, 2)}, error=f"{e}")
             raise
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        summary = rundir.finish(stage_dir, "completed", {"wall_time_s": round(time.time() - started, 2), **summary})
-        results.append({"stage": stage, "run_dir": str(stage_dir), "data": sub.data.name,
-                        **{k: summary.get(k) for k in ("eval_loss_before", "eval_loss", "train_loss", "steps", "tokens_seen",
-                                                        "eval_reward_accuracy_before", "eval_reward_accuracy", "reference")
-                           if summary.get(k) is not None}})
-        previous = str(stage_dir)
+            run.release()
+        summary = run.finish("completed", {"wall_time_s": round(time.time() - started, 2), **summary})
+        keys = REPORTED + declared[stage].reported
+        results.append({"stage": stage, "run_dir": str(run), "data": sub.data.name,
+                        **{k: summary.get(k) for k in keys if summary.get(k) is not None}})
+        previous = str(run)
     merged = None
-    if cfg.pipeline.merge and (Path(previous) / "adapter").is_dir():
+    last = RunDir(previous)
+    if cfg.pipeline.merge and last.weights() and last.weights()[0] == "adapter":
         from medgpt.stages.merge import merge_run
 
-        merged = str(merge_run(Path(previous), cfg.merge.dtype, cfg.merge.parity_prompts))
+        merged = str(merge_run(last.path, cfg.merge.dtype, cfg.merge.parity_prompts))
     for r in results:
         log.info("stage %-4s held-out eval loss %s -> %s", r["stage"], _fmt(r.get("eval_loss_before")), _fmt(r.get("eval_loss")))
-    last = results[-1]
     return {"stage": "pipeline", "stages": results, "final_run": previous, "merged": merged,
-            "eval_loss": last.get("eval_loss"), "template": rundir.read_summary(Path(previous)).get("template")}
+            "eval_loss": results[-1].get("eval_loss"), "template": last.read_summary().template}
 
 
 def _fmt(value) -> str:

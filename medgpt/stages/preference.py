@@ -1,4 +1,5 @@
-"""Preference losses (DPO and its variants), sequence log-probs, reference models and the trainer that uses them.
+"""Preference losses (DPO and its variants), sequence log-probs, reference models and the trainer that uses them
+(the machinery behind medgpt.stages.methods.dpo).
 
 Losses (`method.loss`), with Δ = (log π(y_c) − log π(y_r)) − (log π_ref(y_c) − log π_ref(y_r)) on summed log-probs:
   sigmoid  DPO (Rafailov et al. 2023): −log σ(βΔ)·(1−ε) − log σ(−βΔ)·ε   (ε = label_smoothing: cDPO)
@@ -17,12 +18,16 @@ import copy
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from transformers import Trainer
 
 from medgpt.data.tokenize import IGNORE
+from medgpt.modeling.loader import load_model
+from medgpt.tracking.rundir import resolve_run
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +163,64 @@ class PreferenceTrainer(Trainer):
                 logs[prefix + key] = sum(values) / len(values)
         self._stored[split].clear()
         super().log(logs, start_time)
+
+
+# --- the reference model and held-out preference metrics (medgpt.stages.methods.dpo) ---
+
+REPORTED = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen", "eval_rewards/rejected")
+
+
+def choose_reference(cfg: DictConfig, setup, policy) -> Reference:
+    """The reference `method.reference` asks for (see medgpt.stages.methods.dpo); logged and recorded in summary.json."""
+    reference = _reference(cfg, setup, policy)
+    log.info("reference: %s", reference.description)
+    return reference
+
+
+def _reference(cfg: DictConfig, setup, policy) -> Reference:
+    m = cfg.method
+    if m.loss in REFERENCE_FREE:
+        return Reference("none", f"method.loss={m.loss} is reference-free")
+    start = f"run {setup.init_from}" if setup.init_from else f"the base model {setup.model_path}"
+    if m.reference == "auto" or (m.reference == "base" and not setup.init_from):
+        if cfg.lora.name != "none":
+            return Reference("adapter-disabled", f"the starting policy ({start}): the policy with its LoRA adapter disabled")
+        return Reference("frozen", f"a frozen copy of the starting policy ({start})", frozen_copy(policy))
+    if m.reference == "base":
+        path, what = setup.root_model_path, f"the base model {setup.root_model_path} (not the starting run {setup.init_from})"
+    else:
+        from medgpt.stages.merge import ensure_full_model
+
+        run = resolve_run(m.reference, Path(cfg.paths.output_dir))
+        path = str(ensure_full_model(run))
+        what = f"the policy of run {run} ({path})"
+    model = load_model(path, setup.placement, cfg.lora.quantization, cfg.model.trust_remote_code).eval()
+    if cfg.lora.quantization:
+        from medgpt.modeling.adapters import disable_4bit_cpu_packing
+
+        disable_4bit_cpu_packing(model)  # the same 4-bit matmul path as the policy: comparable log-probs
+    model.requires_grad_(False)
+    return Reference("frozen", what, model)
+
+
+@torch.no_grad()
+def precompute_reference(reference: Reference, policy, dataset, collator, batch_size: int):
+    """Adds ref_chosen_logps / ref_rejected_logps columns, so training needs no reference forward passes."""
+    log.info("precomputing reference log-probs for %d pairs", len(dataset))
+    device = next(policy.parameters()).device
+    chosen, rejected = [], []
+    policy.eval()
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        c, r = reference.logps(policy, {k: v.to(device) for k, v in batch.items()})
+        chosen += c.tolist()
+        rejected += r.tolist()
+    policy.train()
+    return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
+def preference_eval(trainer) -> dict:
+    if trainer.eval_dataset is None:
+        return {}
+    metrics = trainer.evaluate()
+    return {k: metrics[k] for k in REPORTED if k in metrics}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainingArguments
 
 from medgpt.data.templates import SAVED_TEMPLATE, Template, load_saved_template, resolve_template, stop_token_ids
-from medgpt.errors import ConfigError, RunInterrupted
+from medgpt.errors import ArtefactError, ConfigError, RunInterrupted
 from medgpt.modeling.adapters import apply_adapter
-from medgpt.modeling.loader import DTYPES, Placement, load_model, load_tokenizer, resolve_model_path, resolve_placement
+from medgpt.modeling.loader import Placement, load_model, load_tokenizer, resolve_model_path, resolve_placement
+from medgpt.stages.protocol import TrainingParts
 from medgpt.tracking import loggers
 from medgpt.tracking.guards import EarlyStopping, InterruptGuard, LossWatchdog, TrainingDiverged
 from medgpt.tracking.metrics import MetricsCallback, MetricsWriter, perplexity
 from medgpt.tracking.plots import plot_loss
 from medgpt.tracking.resume import checkpoint_step, latest_checkpoint
-from medgpt.tracking.rundir import read_summary, resolve_run, trained_run
+from medgpt.tracking.rundir import RunDir, read_summary, resolve_run, trained_run
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,7 @@ class Setup:
 
 def prepare(cfg: DictConfig) -> Setup:
     """Placement, starting weights, tokenizer and template: everything the data needs before the model loads."""
-    placement = resolve_placement(cfg.hardware)
-    if cfg.lora.name == "none" and placement.dtype == torch.float16:
-        placement.dtype = torch.float32  # full fine-tuning keeps fp32 master weights; fp16 runs as autocast
+    placement = resolve_placement(cfg.hardware, full_finetune=cfg.lora.name == "none")  # weights dtype + Trainer precision
     if cfg.deepspeed.zero_stage and placement.device != "cuda":
         raise ConfigError(f"deepspeed={cfg.deepspeed.name} needs CUDA GPUs; use deepspeed=none here.")
     init_from, saved_template = None, None
@@ -70,36 +71,6 @@ def prepare(cfg: DictConfig) -> Setup:
     return Setup(placement, model_path, tokenizer, template, init_from, root)
 
 
-def common_summary(cfg: DictConfig, setup: Setup, trainer: Trainer, before: dict, after: dict, train_seconds: float,
-                   artefact: Path, data) -> dict:
-    """summary.json fields every training stage reports."""
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens = trainer.state.num_input_tokens_seen
-    return {
-        "stage": cfg.method.name,
-        "model": cfg.model.name_or_path,
-        "init_from": setup.init_from,
-        "base_model_path": setup.model_path,  # the folder the adapter applies to (serving and merging load it)
-        "root_model_path": setup.root_model_path,
-        "dtype": next(k for k, v in DTYPES.items() if v == setup.placement.dtype),
-        "template": setup.template.name,
-        "adapter": cfg.lora.name,
-        "artefact": artefact.name,
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "train_loss": losses[-1] if losses else None,
-        "train_loss_first": losses[0] if losses else None,
-        "eval_loss_before": before.get("eval_loss"),
-        "eval_loss": after.get("eval_loss"),
-        "eval_perplexity": after.get("eval_perplexity"),
-        "tokens_seen": tokens,
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else None,
-        "early_stopped_at_step": next((c.stopped_at for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStopping)), None),
-        "data": {**data.stats, "cache_hit": data.cache_hit},
-    }
-
-
 def build_model(cfg: DictConfig, setup: Setup):
     model = load_model(setup.model_path, setup.placement, cfg.lora.quantization, cfg.model.trust_remote_code, cfg.model.revision)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
@@ -122,10 +93,29 @@ def deepspeed_config(ds: DictConfig) -> dict | None:
             "gradient_clipping": "auto"}
 
 
-def training_arguments(cfg: DictConfig, run_dir: Path, placement: Placement, has_eval: bool) -> TrainingArguments:
+def distributed_arguments(cfg: DictConfig) -> dict:
+    """DDP / FSDP settings for a multi-process run (torchrun workers); nothing for one process.
+
+    The backend comes from the launcher (MEDGPT_DIST_BACKEND: nccl on CUDA, gloo on CPU). FSDP wraps each
+    decoder layer (the model's `_no_split_modules`) and keeps the original parameters, which LoRA needs
+    (frozen and trainable weights share a wrapped unit).
+    """
+    out: dict = {}
+    backend = os.environ.get("MEDGPT_DIST_BACKEND")
+    if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        out["ddp_backend"] = backend
+        out["ddp_find_unused_parameters"] = False  # every trainable weight takes part in every step
+    fsdp = cfg.get("fsdp")
+    if fsdp is not None and fsdp.name != "none":
+        out["fsdp"] = f"{fsdp.name}{' offload' if fsdp.cpu_offload else ''} auto_wrap"
+        out["fsdp_config"] = {"use_orig_params": True, "sync_module_states": True}
+    return out
+
+
+def training_arguments(cfg: DictConfig, checkpoints: Path, placement: Placement, has_eval: bool) -> TrainingArguments:
     m, hw = cfg.method, cfg.hardware
     return TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(checkpoints),
         per_device_train_batch_size=hw.batch_size,
         per_device_eval_batch_size=hw.eval_batch_size,
         gradient_accumulation_steps=hw.grad_accum,
@@ -136,20 +126,20 @@ def training_arguments(cfg: DictConfig, run_dir: Path, placement: Placement, has
         warmup_steps=m.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=m.weight_decay,
         max_grad_norm=m.max_grad_norm,
-        train_sampling_strategy="group_by_length" if m.group_by_length else "random",
+        train_sampling_strategy=("group_by_length" if m.group_by_length else "random") if m.shuffle else "sequential",
         logging_steps=m.logging_steps,
         eval_strategy="steps" if has_eval and m.eval_steps > 0 else "no",
         eval_steps=m.eval_steps if m.eval_steps > 0 else None,
         save_strategy="steps" if m.save_steps > 0 else "no",
         save_steps=m.save_steps if m.save_steps > 0 else 500,
         save_total_limit=m.save_total_limit,
-        bf16=placement.dtype == torch.bfloat16 and placement.device != "cpu",
-        fp16=cfg.hardware.dtype == "fp16" and placement.device == "cuda",
+        **placement.trainer_flags(),  # bf16 / fp16 mixed precision from the resolved placement (medgpt.modeling.precision)
         use_cpu=placement.device == "cpu",
         deepspeed=deepspeed_config(cfg.deepspeed),
+        **distributed_arguments(cfg),
         report_to="none",  # W&B / TensorBoard get the metrics.jsonl rows through medgpt.tracking.loggers
         logging_nan_inf_filter=False,  # a NaN loss must reach metrics.jsonl and the watchdog, not be averaged away
-        run_name=run_dir.name,
+        run_name=checkpoints.parent.name,
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=hw.num_workers,
@@ -159,12 +149,12 @@ def training_arguments(cfg: DictConfig, run_dir: Path, placement: Placement, has
     )
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path, setup: Setup, model, train_ds, eval_ds, collator,
-                 trainer_cls: type[Trainer] = Trainer, **extra) -> Trainer:
-    args = training_arguments(cfg, run_dir, setup.placement, eval_ds is not None)
-    writer = MetricsWriter(run_dir / "metrics.jsonl")
+def make_trainer(cfg: DictConfig, run: RunDir, setup: Setup, model, parts: TrainingParts, perplexity: bool = True) -> Trainer:
+    train_ds, eval_ds = parts.train, parts.eval
+    args = training_arguments(cfg, run.checkpoints, setup.placement, eval_ds is not None)
+    writer = MetricsWriter(run.metrics) if run.is_main else None  # rank 0 alone writes metrics.jsonl and the tracker
     sequences_per_step = cfg.hardware.batch_size * cfg.hardware.grad_accum
-    metrics = MetricsCallback(writer, sequences_per_step, perplexity=trainer_cls is Trainer, tracker=loggers.active(),
+    metrics = MetricsCallback(writer, sequences_per_step, perplexity=perplexity, tracker=loggers.active() if run.is_main else None,
                               resuming=bool(cfg.get("resume")))
     callbacks = [metrics, InterruptGuard()]
     if cfg.watchdog.enabled:
@@ -175,22 +165,23 @@ def make_trainer(cfg: DictConfig, run_dir: Path, setup: Setup, model, train_ds, 
             log.warning("method.early_stopping_patience=%d is off: it needs eval data and method.eval_steps > 0", patience)
         else:
             callbacks.append(EarlyStopping(patience))
-    return trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                       processing_class=setup.tokenizer, callbacks=callbacks, **extra)
+    trainer_cls = parts.trainer_cls or Trainer
+    return trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=parts.collator,
+                       processing_class=setup.tokenizer, callbacks=callbacks, **parts.trainer_kwargs)
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+def resume_checkpoint(cfg: DictConfig, run_dir: RunDir) -> str | None:
     """With resume=true, the checkpoint to continue from (trainer.train(resume_from_checkpoint=...)); else None."""
     if not cfg.get("resume"):
         return None
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = latest_checkpoint(run_dir.path)
     if checkpoint is None:
         raise ConfigError(f"run {run_dir} has no checkpoint to resume from; start it again without resume=true.")
     log.info("resuming from %s (step %d)", checkpoint, checkpoint_step(checkpoint))
     return str(checkpoint)
 
 
-def stop_if_interrupted(trainer: Trainer, cfg: DictConfig, run_dir: Path) -> None:
+def stop_if_interrupted(trainer: Trainer, cfg: DictConfig, run_dir: RunDir) -> None:
     """After trainer.train(): a signal -> RunInterrupted, the watchdog -> TrainingDiverged; both come after a checkpoint was saved.
 
     The run then ends without the final eval and save; plots/loss.png shows the steps done so far.
@@ -200,14 +191,14 @@ def stop_if_interrupted(trainer: Trainer, cfg: DictConfig, run_dir: Path) -> Non
     if guard.signum is None and (watchdog is None or watchdog.reason is None):
         return
     finish_plots(run_dir, f"{cfg.method.name} · {cfg.model.name} · {cfg.data.name} (stopped)")
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = latest_checkpoint(run_dir.path)
     if guard.signum is not None:
         raise RunInterrupted(guard.signum, trainer.state.global_step, str(checkpoint) if checkpoint else None)
     raise TrainingDiverged(f"training stopped: {watchdog.reason}; the checkpoint is in {checkpoint}; lower method.learning_rate "
                            f"(now {cfg.method.learning_rate:g}) or check the data, or set watchdog.enabled=false.")
 
 
-def evaluate(trainer: Trainer) -> dict:
+def evaluate_lm(trainer: Trainer) -> dict:
     """eval_loss and eval_perplexity on the eval split (empty dict without one)."""
     if trainer.eval_dataset is None:
         return {}
@@ -258,21 +249,52 @@ def estimate_memory(model, batch_size: int, seq_len: int, gradient_checkpointing
     return out
 
 
-def save_artefacts(run_dir: Path, model, tokenizer, template: Template, cfg: DictConfig) -> Path:
-    """adapter/ (PEFT) or model/ (full weights), with the tokenizer and the chat template training used."""
+def save_artefacts(run: RunDir, trainer: Trainer, tokenizer, template: Template, cfg: DictConfig) -> Path:
+    """adapter/ (PEFT) or model/ (full weights), with the tokenizer and the chat template training used.
+
+    Every rank takes part (sharded weights are gathered), rank 0 writes. A save that fails (a full disk,
+    an unwritable folder) first rescues the weights to a temporary folder and says where they are.
+    """
     is_adapter = cfg.lora.name != "none"
-    out = run_dir / ("adapter" if is_adapter else "model")
-    model.save_pretrained(out)
+    out = run.artefact("adapter" if is_adapter else "model")
+    try:
+        _save(trainer, tokenizer, template, out, is_adapter)
+    except OSError as e:
+        rescue = Path(tempfile.mkdtemp(prefix=f"medgpt-rescue-{run.path.name}-"))
+        try:
+            _save(trainer, tokenizer, template, rescue, is_adapter)
+            where = f"the trained weights were saved to {rescue} instead"
+        except OSError:
+            where = f"the last checkpoint under {run.checkpoints} (if any) is all that is left"
+        raise ArtefactError(f"could not save the {out.name} to {out} ({e.strerror or e}); {where}.") from None
+    log.info("saved %s to %s", out.name, out)
+    return out
+
+
+def _save(trainer: Trainer, tokenizer, template: Template, out: Path, is_adapter: bool) -> None:
+    trainer.save_model(str(out))  # gathers sharded (FSDP / ZeRO-3) weights; writes on the main process only
+    if not trainer.is_world_process_zero():
+        return
+    (out / "training_args.bin").unlink(missing_ok=True)  # the Trainer's pickle: checkpoints keep it, artefacts need not
     tokenizer.chat_template = template.to_jinja()
     tokenizer.save_pretrained(out)
     stop_ids = stop_token_ids(tokenizer, template)
     (out / SAVED_TEMPLATE).write_text(OmegaConf.to_yaml(OmegaConf.create(template.__dict__)))
+    model = trainer.model
     if not is_adapter and getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = stop_ids
         model.generation_config.save_pretrained(out)
-    log.info("saved %s to %s", "adapter" if is_adapter else "model", out)
-    return out
 
 
-def finish_plots(run_dir: Path, title: str) -> None:
-    plot_loss(MetricsWriter(run_dir / "metrics.jsonl").rows(), run_dir / "plots" / "loss.png", title)
+def peak_memory_gb() -> float | None:
+    """The measured peak: CUDA max allocated, else this process' peak resident memory."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+
+
+def finish_plots(run: RunDir, title: str) -> None:
+    if run.is_main:
+        plot_loss(MetricsWriter(run.metrics).rows(), run.loss_plot, title)

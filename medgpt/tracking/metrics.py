@@ -35,13 +35,26 @@ def perplexity(loss: float) -> float:
 
 
 class MetricsWriter:
+    """Appends rows; a row for the step the last row already has (an eval after that training step) is merged
+    into it, so metrics.jsonl holds exactly one row per step (written by rank 0 alone)."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._last: dict | None = None  # the last row this writer wrote, and where its line starts
+        self._last_at = 0
 
     def write(self, row: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+        row = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()}
+        with open(self.path, "a+b") as fh:
+            fh.seek(0, 2)
+            end = fh.tell()
+            if self._last is not None and self._last.get("step") == row.get("step") and self._last_at <= end:
+                row = {**self._last, **row}
+                fh.truncate(self._last_at)  # rewrite the last line with the merged row
+                end = self._last_at
+            fh.write((json.dumps(row) + "\n").encode())
+        self._last, self._last_at = row, end
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -52,7 +65,7 @@ class MetricsWriter:
 class MetricsCallback(TrainerCallback):
     """Turns the Trainer's log events into metrics.jsonl rows with throughput and memory added."""
 
-    def __init__(self, writer: MetricsWriter, batch_size: int, perplexity: bool = True, tracker=None, resuming: bool = False):
+    def __init__(self, writer: MetricsWriter | None, batch_size: int, perplexity: bool = True, tracker=None, resuming: bool = False):
         self.writer = writer
         self.perplexity = perplexity  # exp(eval_loss) means something for language-modelling losses only
         self.batch_size = batch_size  # sequences per optimiser step on this process
@@ -84,6 +97,7 @@ class MetricsCallback(TrainerCallback):
         if "eval_loss" in row and self.perplexity:
             row["eval_perplexity"] = perplexity(row["eval_loss"])
         row["mem_gb"] = memory_gb()
-        self.writer.write(row)
+        if self.writer is not None:  # None on ranks other than 0
+            self.writer.write(row)
         if self.tracker is not None:
             self.tracker.log(row)

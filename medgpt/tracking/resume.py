@@ -55,7 +55,7 @@ def prepare_resume(run_dir: Path, defaults: DictConfig) -> tuple[DictConfig, Pat
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     if cfg.method.name == "pipeline":
         raise ConfigError("resume=true cannot continue a pipeline (method=pipeline): start the pipeline again.")
-    for key in ("watchdog", "sweep", "compare", "logger"):  # keys added after the run was made take today's defaults
+    for key in ("watchdog", "sweep", "compare", "logger", "launcher", "fsdp"):  # keys added after the run was made take today's defaults
         if key not in cfg:
             cfg[key] = defaults[key]
     cfg.resume = True

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from medgpt.tracking.rundir import ARTEFACTS, RunDir
+
 METRICS = ("status", "steps", "train_loss", "eval_loss", "wall_time_s")  # the summary.json columns every table shows
 NOT_COMPARED = ("paths.", "run", "resume")  # config keys that differ between runs without changing what they do
-SKIPPED_FOLDERS = {"checkpoints", "wandb", "tensorboard", "adapter", "model", "merged", "plots", ".submitit"}
+SKIPPED_FOLDERS = {"checkpoints", "wandb", "tensorboard", "plots", ".submitit", *ARTEFACTS}
 
 
 @dataclass
@@ -56,18 +58,16 @@ def flatten(node, prefix: str = "") -> dict:
 
 
 def load_run(path: Path) -> RunRecord:
-    path = Path(path)
-    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
-    overrides = (path / "overrides.txt").read_text().splitlines() if (path / "overrides.txt").exists() else []
-    try:
-        summary = json.loads((path / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        summary = {}
-    return RunRecord(path, flatten(config or {}), [o for o in overrides if o.strip()], summary, read_jsonl(path / "metrics.jsonl"))
+    run = RunDir(path)
+    config = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
+    overrides = run.overrides.read_text().splitlines() if run.overrides.exists() else []
+    summary = run.read_summary().to_dict() if run.summary_path.exists() else {}  # a dead owner's "running" reads as crashed
+    return RunRecord(run.path, flatten(config or {}), [o for o in overrides if o.strip()], summary, read_jsonl(run.metrics))
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "summary.json").exists() and ((path / "config.yaml").exists() or (path / "overrides.txt").exists())
+    run = RunDir(path)
+    return run.summary_path.exists() and (run.config.exists() or run.overrides.exists())
 
 
 def find_runs(root: Path) -> list[Path]:
