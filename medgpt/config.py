@@ -323,6 +323,7 @@ class Config:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field, e.g. trainer.optim=adamw_torch_fused
 
 
 def _sweep_group() -> Optional[str]:

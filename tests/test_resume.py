@@ -56,6 +56,7 @@ def test_resumed_run_matches_the_uninterrupted_run(runs):
     for a, b in zip(full_rows, cut_rows):
         assert b.get("loss", b.get("eval_loss")) == pytest.approx(a.get("loss", a.get("eval_loss")), abs=1e-4), (a, b)
     assert cut["eval_loss"] == pytest.approx(full["eval_loss"], abs=1e-4) and cut["train_loss"] == pytest.approx(full["train_loss"], abs=1e-4)
+    assert cut["train_loss_mean"] == pytest.approx(full["train_loss_mean"], abs=1e-4)  # over every step, not only the resumed ones
     assert full_rows[-2]["loss"] < full_rows[1]["loss"] - 0.05  # the run learns: equal losses are not equal by accident
     assert (folder / "cut/adapter/adapter_model.safetensors").exists()
     assert "resuming" in (folder / "cut/train.log").read_text()  # the run's own log goes on

@@ -69,7 +69,8 @@ def run_stage(stage: Stage, cfg: DictConfig, run: RunDir) -> dict:
     # --- setup: placement, tokenizer and template first (the data needs them), then data, model and Trainer ---
     ctx.setup = prepare(cfg)
     check_data_format(cfg, stage)
-    ctx.data = stage.build_data(ctx)
+    with main_process_first():  # several ranks: rank 0 tokenises into the cache, the others then read it
+        ctx.data = stage.build_data(ctx)
     ctx.model = build_model(cfg, ctx.setup)
     ctx.parts = stage.training_parts(ctx) if stage.training_parts else language_model_parts(ctx)
     ctx.trainer = make_trainer(cfg, run, ctx.setup, ctx.model, ctx.parts, perplexity=stage.perplexity)
@@ -110,6 +111,31 @@ def language_model_parts(ctx: Context) -> TrainingParts:
     return TrainingParts(ctx.data.train, ctx.data.eval, PadCollator(ctx.setup.tokenizer.pad_token_id))
 
 
+def main_process_first():
+    """A context in which rank 0 runs first and the other ranks wait at a barrier (one process: nothing to wait for)."""
+    import contextlib
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
+def mean_train_loss(history: list[dict]) -> float | None:
+    """The mean training loss over every step, also across a resume (the Trainer's own figure covers only the
+    steps since): each logged loss is the mean over the steps since the previous log, so weight it by them."""
+    total = steps = 0.0
+    previous = 0
+    for row in history:
+        if "loss" in row and "step" in row:
+            total += row["loss"] * (row["step"] - previous)
+            steps += row["step"] - previous
+            previous = row["step"]
+    return total / steps if steps else None
+
+
 def common_summary(ctx: Context) -> dict:
     """summary.json fields every training method reports (medgpt.tracking.rundir.RunSummary)."""
     cfg, setup, trainer = ctx.cfg, ctx.setup, ctx.trainer
@@ -132,7 +158,7 @@ def common_summary(ctx: Context) -> dict:
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "train_loss": losses[-1] if losses else None,
         "train_loss_first": losses[0] if losses else None,
-        "train_loss_mean": getattr(ctx.train_result, "training_loss", None),
+        "train_loss_mean": mean_train_loss(trainer.state.log_history),
         "eval_loss_before": ctx.before.get("eval_loss"),
         "eval_loss": ctx.after.get("eval_loss"),
         "eval_perplexity": ctx.after.get("eval_perplexity") if ctx.stage.perplexity else None,

@@ -8,6 +8,7 @@ TrainingDiverged after `trainer.train()`; `resume_checkpoint` is what `resume=tr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import Trainer, TrainingArguments
 
@@ -114,7 +116,7 @@ def distributed_arguments(cfg: DictConfig) -> dict:
 
 def training_arguments(cfg: DictConfig, checkpoints: Path, placement: Placement, has_eval: bool) -> TrainingArguments:
     m, hw = cfg.method, cfg.hardware
-    return TrainingArguments(
+    managed = dict(
         output_dir=str(checkpoints),
         per_device_train_batch_size=hw.batch_size,
         per_device_eval_batch_size=hw.eval_batch_size,
@@ -147,6 +149,27 @@ def training_arguments(cfg: DictConfig, checkpoints: Path, placement: Placement,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
     )
+    return TrainingArguments(**managed, **passthrough(cfg, managed))
+
+
+def passthrough(cfg: DictConfig, managed: dict) -> dict:
+    """`trainer.<field>=...`: any other TrainingArguments field (optimiser, scheduler extras, ...), checked by name;
+    fields medgpt sets from its own groups are refused with the key that sets them."""
+    extra = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else {}
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in extra:
+        if key not in known:
+            raise ConfigError(f"trainer.{key} is not a TrainingArguments field (transformers {transformers.__version__}); "
+                              "see https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments.")
+        if key in managed:
+            raise ConfigError(f"trainer.{key} is set by medgpt's own config ({MANAGED_BY.get(key, 'method / hardware')}); set it there.")
+    return extra
+
+
+MANAGED_BY = {"learning_rate": "method.learning_rate", "per_device_train_batch_size": "hardware.batch_size",
+              "gradient_accumulation_steps": "hardware.grad_accum", "num_train_epochs": "method.epochs",
+              "max_steps": "method.max_steps", "lr_scheduler_type": "method.lr_scheduler", "seed": "seed",
+              "bf16": "hardware.dtype", "fp16": "hardware.dtype", "deepspeed": "deepspeed=...", "fsdp": "fsdp=..."}
 
 
 def make_trainer(cfg: DictConfig, run: RunDir, setup: Setup, model, parts: TrainingParts, perplexity: bool = True) -> Trainer:
