@@ -85,6 +85,7 @@ class WandbTracker(Tracker):
         self.run = wandb.init(project=lg.project, entity=lg.entity, group=lg.group, tags=[t[:64] for t in lg.tags], name=run_dir.name,
                               config=OmegaConf.to_container(cfg, resolve=True), dir=str(run_dir), id=run_id, resume="allow",
                               mode=mode, job_type=cfg.method.name, settings=wandb.Settings(console="off"))
+        self._step = None  # the step whose values are accumulated but not yet committed
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")  # metrics.jsonl's step is the x axis (monotonic within each stage)
         if mode == "offline":
@@ -92,7 +93,12 @@ class WandbTracker(Tracker):
             log.info("W&B is offline (%s): the run is kept in %s; upload it later with: wandb sync %s", reason, where, where)
 
     def _log(self, row: dict) -> None:
-        self.run.log({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+        # metrics.jsonl has one row per step (an eval after a training step joins its row): W&B gets the same rows,
+        # by accumulating a step's values and committing them when the next step begins (or at finish)
+        if self._step is not None and row.get("step") != self._step:
+            self.run.log({}, commit=True)
+        self._step = row.get("step")
+        self.run.log({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}, commit=False)
 
     def _finish(self, summary: dict, status: str) -> None:
         self.run.summary.update({**scalars(summary), "status": status})
