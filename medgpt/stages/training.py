@@ -98,20 +98,83 @@ def deepspeed_config(ds: DictConfig) -> dict | None:
 def distributed_arguments(cfg: DictConfig) -> dict:
     """DDP / FSDP settings for a multi-process run (torchrun workers); nothing for one process.
 
-    The backend comes from the launcher (MEDGPT_DIST_BACKEND: nccl on CUDA, gloo on CPU). FSDP wraps each
-    decoder layer (the model's `_no_split_modules`) and keeps the original parameters, which LoRA needs
-    (frozen and trainable weights share a wrapped unit).
+    The backend comes from the launcher (MEDGPT_DIST_BACKEND: nccl on CUDA, gloo on CPU). fsdp=full_shard |
+    shard_grad_op is torch's FSDP2 (`fully_shard`: every parameter a DTensor sharded across the ranks, so frozen
+    base weights and trainable LoRA weights share a unit, what FSDP1 needed use_orig_params for): one unit per
+    decoder layer (the model's `_no_split_modules`, TRANSFORMER_BASED_WRAP) plus the root; full_shard reshards the
+    parameters after each forward, shard_grad_op keeps them (ZeRO-2-like). Saving gathers a full state dict on rank 0.
+    On CPU ranks see `fsdp_on_cpu` and `evaluate_before_training` (both needed, also on GPUs for the latter).
     """
-    out: dict = {}
     backend = os.environ.get("MEDGPT_DIST_BACKEND")
-    if backend and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        out["ddp_backend"] = backend
-        out["ddp_find_unused_parameters"] = False  # every trainable weight takes part in every step
+    if not backend or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    out: dict = {"ddp_backend": backend,
+                 "ddp_find_unused_parameters": False}  # every trainable weight takes part in every step
     fsdp = cfg.get("fsdp")
     if fsdp is not None and fsdp.name != "none":
-        out["fsdp"] = f"{fsdp.name}{' offload' if fsdp.cpu_offload else ''} auto_wrap"
-        out["fsdp_config"] = {"use_orig_params": True, "sync_module_states": True}
+        if fsdp.cpu_offload and backend == "gloo":
+            raise ConfigError("fsdp.cpu_offload=true keeps parameters in CPU memory off the GPUs: CPU ranks have no GPU to offload "
+                              "from (torch refuses it); leave fsdp.cpu_offload=false here.")
+        out["fsdp"] = True
+        out["fsdp_config"] = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # fsdp.auto_wrap=decoder_layer
+                              "reshard_after_forward": fsdp.name == "full_shard", "cpu_offload": bool(fsdp.cpu_offload),
+                              "state_dict_type": "FULL_STATE_DICT"}
     return out
+
+
+def fsdp_on_cpu(trainer: Trainer) -> None:
+    """fsdp=... with CPU ranks (gloo): shard for real. Call right after creating the Trainer.
+
+    accelerate (1.15) turns its FSDP plugin on only for accelerator devices; on CPU it drops the plugin and the run
+    silently trains as plain DDP. torch's FSDP2 (`fully_shard`) runs on CPU over gloo, so this switches the
+    accelerator's (shared) state to FSDP with the plugin the Trainer built from `distributed_arguments`.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if not trainer.args.fsdp_plugin_args or trainer.is_fsdp_enabled or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # every later AcceleratorState() copies distributed_type from PartialState's shared state: set both
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    log.info("fsdp on CPU ranks: torch FSDP2 (fully_shard) over %s, one unit per decoder layer", trainer.args.ddp_backend)
+
+
+def evaluate_before_training(trainer: Trainer, evaluate) -> dict:
+    """`evaluate(trainer)` before `trainer.train()`, leaving the model for train() to wrap (DDP) or shard (FSDP).
+
+    transformers' evaluate() on a Trainer that has not trained yet prepares the model for evaluation only
+    (transformers 5.24 / accelerate 1.15), which breaks a multi-process run:
+    - DDP: accelerate's `prepare_model(model, evaluation_mode=True)` marks the bare model prepared, and train() then
+      gets it back from `accelerator.prepare(model, optimizer)` unwrapped: no DistributedDataParallel, no gradient
+      all-reduce, each rank steps on its own gradients and the ranks drift apart silently. Undone after the evaluation
+      (the mark, the mixed-precision forward wrapper, the accelerator's record of the model).
+    - FSDP2: accelerate refuses to shard a model without its optimiser ("a model and optimizer must be passed
+      together"). The evaluation runs on the model as loaded instead: nothing is sharded before train(), every rank
+      holds all of it.
+    One process: just the evaluation.
+    """
+    accelerator, model = trainer.accelerator, trainer.model
+    if trainer.args.world_size <= 1 or accelerator._models:
+        return evaluate(trainer)
+    if trainer.is_fsdp_enabled:
+        accelerator._models.append(model)  # evaluate() prepares the model only when the accelerator holds none
+        try:
+            return evaluate(trainer)
+        finally:
+            accelerator._models.remove(model)
+    metrics = evaluate(trainer)
+    if trainer.model_wrapped is model and getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+        if "_original_forward" in model.__dict__:  # the autocast wrapper prepare_model put around forward (mixed precision)
+            model.forward = model.__dict__.pop("_original_forward")
+        accelerator._models = [m for m in accelerator._models if m is not model]
+    return metrics
 
 
 def training_arguments(cfg: DictConfig, checkpoints: Path, placement: Placement, has_eval: bool) -> TrainingArguments:
@@ -189,8 +252,10 @@ def make_trainer(cfg: DictConfig, run: RunDir, setup: Setup, model, parts: Train
         else:
             callbacks.append(EarlyStopping(patience))
     trainer_cls = parts.trainer_cls or Trainer
-    return trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=parts.collator,
-                       processing_class=setup.tokenizer, callbacks=callbacks, **parts.trainer_kwargs)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=parts.collator,
+                          processing_class=setup.tokenizer, callbacks=callbacks, **parts.trainer_kwargs)
+    fsdp_on_cpu(trainer)
+    return trainer
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: RunDir) -> str | None:

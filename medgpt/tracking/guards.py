@@ -3,8 +3,13 @@
 - InterruptGuard: SIGINT / SIGTERM (and SIGUSR1, which SLURM sends before a time limit) during
   training finish the current optimiser step, save a checkpoint and stop; the stage then raises
   RunInterrupted and run.py marks summary.json "interrupted" (`resume=true` continues the run).
-  A second Ctrl-C stops at once. Test hook: MEDGPT_TEST_INTERRUPT_AT_STEP=<n> sends SIGINT to the
-  process itself after step n, so tests interrupt at a known step (the real signal path runs).
+  Several ranks (torchrun) agree after every step: the step after which any rank saw a signal is the
+  last one on every rank (one all-reduce of a number per step), so they save the same checkpoint and
+  none waits in a collective for a rank that stopped. A signal 2 s or more after the first stops at
+  once; one within 2 s is the same request delivered twice (SLURM signals every process of a step and
+  the launcher forwards the signal too; SIGUSR1 arrives directly and forwarded as SIGTERM) and is
+  ignored. Test hook: MEDGPT_TEST_INTERRUPT_AT_STEP=<n> sends SIGINT to the process itself after
+  step n, so tests interrupt at a known step (the real signal path runs).
 - LossWatchdog: a NaN/Inf training loss, or a loss more than `watchdog.threshold` above the median of
   the recent losses for `watchdog.patience` logging steps in a row, saves a checkpoint and stops; the
   stage raises TrainingDiverged (one sentence; the run is marked failed). The threshold is additive:
@@ -20,6 +25,7 @@ import os
 import signal
 import statistics
 import threading
+import time
 from collections import deque
 
 from transformers import TrainerCallback
@@ -35,18 +41,22 @@ class TrainingDiverged(MedgptError):
 
 class InterruptGuard(TrainerCallback):
     SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+    REPEAT_S = 2.0  # a signal this soon after the first is the same request delivered twice
 
     def __init__(self):
         self.signum: int | None = None
+        self._first_at: float | None = None
         self._previous: dict = {}
         self._test_step = int(os.environ.get(TEST_INTERRUPT_ENV, "0") or 0)
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self._first_at is not None:
+            if time.monotonic() - self._first_at < self.REPEAT_S:
+                return  # delivered twice (the launcher forwarded what SLURM also sent): one request
+            raise KeyboardInterrupt  # asked again: stop now, without a checkpoint
+        self.signum, self._first_at = signum, time.monotonic()
         print(f"\n{signal.Signals(signum).name} received: finishing this step, saving a checkpoint, then stopping "
-              "(send it again to stop at once)", flush=True)
+              f"(send it again, {self.REPEAT_S:g} s or more later, to stop at once)", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if threading.current_thread() is threading.main_thread():
@@ -55,7 +65,9 @@ class InterruptGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._test_step and state.global_step == self._test_step and self.signum is None:
             os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next line (main thread)
-        if self.signum is not None:
+        signum = _agreed_signal(self.signum, args) if getattr(args, "world_size", 1) > 1 else self.signum
+        if signum is not None:
+            self.signum = signum
             control.should_save = True
             control.should_training_stop = True
 
@@ -63,6 +75,18 @@ class InterruptGuard(TrainerCallback):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+def _agreed_signal(signum: int | None, args) -> int | None:
+    """The signal any rank has seen (the highest number), on every rank: all of them stop after the same step."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return signum
+    seen = torch.tensor([signum or 0], dtype=torch.int64, device=args.device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    return int(seen.item()) or None
 
 
 class LossWatchdog(TrainerCallback):
