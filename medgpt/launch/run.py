@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from medgpt.errors import ConfigError, MedgptError, RunInterrupted
 from medgpt.launch.torchrun import _settings, launch, resolve_backend
+from medgpt.launch.worker import RESUME_ENV
 
 log = logging.getLogger("medgpt.launch")
 
@@ -43,6 +44,8 @@ def launch_workers(cfg: DictConfig, run_dir: Any, **kwargs) -> dict:
     medgpt.launch.torchrun.launch (env, timeout, module).
     """
     path = Path(run_dir)  # a RunDir is os.PathLike
+    if cfg.get("resume"):  # the workers read config.yaml, which keeps resume=false: tell them
+        kwargs["env"] = {**(kwargs.get("env") or {}), RESUME_ENV: "1"}
     outcome = launch(cfg.launcher, path, device=_device(cfg), **kwargs)
     if outcome.dry_run:
         return {"dry_run": True}

@@ -28,6 +28,7 @@ from medgpt.launch.torchrun import BACKEND_ENV, record_worker_error, write_worke
 log = logging.getLogger("medgpt")
 
 TARGET = "medgpt.run:train_worker"
+RESUME_ENV = "MEDGPT_RESUME"  # "1": resume=true (the parent resumes the run; config.yaml keeps the run's own config)
 CONSOLE_FORMAT = "[%(name)s] %(message)s"  # as conf/hydra/job_logging/medgpt.yaml
 FILE_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
 QUIET = {"httpx": logging.WARNING, "urllib3": logging.WARNING, "bitsandbytes": logging.ERROR}
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None, target: Callable | str | None = None) ->
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(run_dir / "config.yaml")
+        if os.environ.get(RESUME_ENV) == "1":
+            cfg.resume = True
         fn = target if callable(target) else _target(target or TARGET)
         summary = fn(cfg, run_dir)
         if me == 0:

@@ -26,6 +26,7 @@ from medgpt.stages.protocol import Stage, TrainingParts, method_for_format
 from medgpt.stages.training import (
     Setup,
     build_model,
+    evaluate_before_training,
     evaluate_lm,
     finish_plots,
     make_trainer,
@@ -80,7 +81,7 @@ def run_stage(stage: Stage, cfg: DictConfig, run: RunDir) -> dict:
     evaluate = stage.evaluate or evaluate_lm
 
     # --- before: held-out metrics (and answers) of the starting model ---
-    ctx.before = evaluate(ctx.trainer)
+    ctx.before = evaluate_before_training(ctx.trainer, evaluate)  # several ranks: leaves the model for train() to wrap
     ctx.samples_before = stage.samples(ctx) if stage.samples else []
 
     # --- train (resume=true continues from the run's last checkpoint) ---

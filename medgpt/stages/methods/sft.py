@@ -42,10 +42,11 @@ def answers(ctx) -> list[str]:
     from medgpt.modeling.generate import generate_answers
 
     asked, setup = questions(ctx), ctx.setup
-    if not asked or not ctx.run.is_main:
+    if not asked or not (ctx.run.is_main or ctx.trainer.is_fsdp_enabled):  # FSDP: every rank takes part in generate()
         return []
-    return generate_answers(ctx.trainer.model, setup.tokenizer, setup.template, asked, ctx.cfg.method.sample_max_new_tokens,
-                            stop_token_ids(setup.tokenizer, setup.template))
+    answers = generate_answers(ctx.trainer.model, setup.tokenizer, setup.template, asked, ctx.cfg.method.sample_max_new_tokens,
+                               stop_token_ids(setup.tokenizer, setup.template))
+    return answers if ctx.run.is_main else []
 
 
 def summary(ctx) -> dict:
