@@ -72,7 +72,7 @@ def run_stage(stage: Stage, cfg: DictConfig, run: RunDir) -> dict:
     check_data_format(cfg, stage)
     with main_process_first():  # several ranks: rank 0 tokenises into the cache, the others then read it
         ctx.data = stage.build_data(ctx)
-    ctx.model = build_model(cfg, ctx.setup)
+    ctx.model = stage.build_model(ctx) if stage.build_model else build_model(cfg, ctx.setup)
     ctx.parts = stage.training_parts(ctx) if stage.training_parts else language_model_parts(ctx)
     ctx.trainer = make_trainer(cfg, run, ctx.setup, ctx.model, ctx.parts, perplexity=stage.perplexity)
     ctx.plan = plan(cfg, len(ctx.parts.train), ctx.data.stats["train"]["tokens"], ctx.trainer.model)

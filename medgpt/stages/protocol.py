@@ -46,6 +46,7 @@ class Stage:
     schema: type  # the method's config dataclass; conf/method/<name>.yaml starts from `<name>_schema`
     formats: tuple[str, ...]  # data formats it trains on (medgpt.data.formats.FORMATS)
     build_data: Callable[[Any], Any]  # (ctx) -> medgpt.data.loading.StageData
+    build_model: Callable[[Any], Any] | None = None  # (ctx) -> the model to train; None: the causal LM + adapter (training.build_model)
     training_parts: Callable[[Any], TrainingParts] | None = None  # (ctx) -> datasets/collator/trainer; None: LM defaults
     evaluate: Callable[[Any], dict] | None = None  # (trainer) -> held-out metrics; None: eval loss + perplexity
     samples: Callable[[Any], list] | None = None  # (ctx) -> answers to held-out prompts, taken before and after training
