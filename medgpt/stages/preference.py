@@ -27,6 +27,7 @@ from transformers import Trainer
 
 from medgpt.data.tokenize import IGNORE
 from medgpt.modeling.loader import load_model
+from medgpt.stages.sampling import SeededSampling
 from medgpt.tracking.rundir import resolve_run
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,10 @@ def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch} | {"use_cache": False}
 
 
-class PreferenceTrainer(Trainer):
-    """A Trainer whose loss is a preference loss over stacked [chosen; rejected] rows; logs reward metrics."""
+class PreferenceTrainer(SeededSampling, Trainer):
+    """A Trainer whose loss is a preference loss over stacked [chosen; rejected] rows; logs reward metrics.
+
+    Length-grouped batches are seeded per epoch (medgpt.stages.sampling), so a resumed run sees the same pairs."""
 
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let the Trainer divide by gradient accumulation
 

@@ -251,7 +251,9 @@ def make_trainer(cfg: DictConfig, run: RunDir, setup: Setup, model, parts: Train
             log.warning("method.early_stopping_patience=%d is off: it needs eval data and method.eval_steps > 0", patience)
         else:
             callbacks.append(EarlyStopping(patience))
-    trainer_cls = parts.trainer_cls or Trainer
+    from medgpt.stages.sampling import seeded
+
+    trainer_cls = seeded(parts.trainer_cls or Trainer)  # method.group_by_length: the same batches after a resume
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=parts.collator,
                           processing_class=setup.tokenizer, callbacks=callbacks, **parts.trainer_kwargs)
     fsdp_on_cpu(trainer)
