@@ -2,7 +2,8 @@
 
 Runs `python launch.py experiment=medical_pipeline` (each stage one epoch on the project's demo data)
 and prints the held-out eval loss before and after each stage, the DPO reward accuracy on held-out
-pairs before and after, and where the merged final model is.
+pairs before and after (a tie, equal rewards up to float noise, counts as half; the ties are counted), and where
+the merged final model is.
 """
 
 from __future__ import annotations
@@ -32,10 +33,24 @@ def main(extra: list[str]) -> int:
         print(f"{r['stage']:<6} {r['data']:<15} {r.get('steps', 0):>5}  {r['eval_loss_before']:.4f} -> {r['eval_loss']:.4f}")
     dpo = next((r for r in s["stages"] if r["stage"] == "dpo"), None)
     if dpo:
+        before, after = reward_ties(Path(dpo["run_dir"]))
         print(f"DPO reward accuracy on held-out pairs: {dpo['eval_reward_accuracy_before']:.3f} -> {dpo['eval_reward_accuracy']:.3f}"
-              f"   (reference: {dpo['reference']['description']})")
+              f"   (ties count as half: {before} -> {after}; reference: {dpo['reference']['description']})")
     print(f"merged final model: {s['merged']}")
     return 0
+
+
+def reward_ties(dpo_run: Path) -> tuple[str, str]:
+    """'<ties> of <pairs>' among the held-out pairs before and after DPO training: pairs whose chosen and rejected
+    rewards are equal up to float noise (all of them before training, when the policy is the reference).
+    From the stage's metrics.jsonl (eval_rewards/ties, the share of ties) and summary.json (the number of pairs)."""
+    try:
+        pairs = json.loads((dpo_run / "summary.json").read_text())["data"]["eval"]["examples"]
+        rows = [json.loads(line) for line in (dpo_run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        ties = [r["eval_rewards/ties"] for r in rows if "eval_rewards/ties" in r]
+        return tuple(f"{round(t * pairs)} of {pairs} tied" for t in (ties[0], ties[-1]))
+    except (OSError, KeyError, IndexError, TypeError, ValueError):
+        return "?", "?"
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def test_loss_matches_the_formula(loss):
     x = LossInputs(t(PC), t(PR), t(LC), t(LR), t(RC), t(RR))
     value, metrics = preference_loss(x, loss, BETA, EPS, sft_weight=0.0, simpo_gamma=GAMMA)
     assert value.item() == pytest.approx(expected(loss), abs=1e-5)
-    assert metrics["rewards/accuracies"].tolist() == [float(a > b) for a, b in zip(metrics["rewards/chosen"], metrics["rewards/rejected"])]
+    assert metrics["rewards/accuracies"].tolist() == [0.5 if a == b else float(a > b)  # a tie counts as half
+                                                      for a, b in zip(metrics["rewards/chosen"], metrics["rewards/rejected"])]
 
 
 def test_sft_weight_adds_the_chosen_nll():
@@ -145,12 +146,14 @@ def test_reference_selection(tiny_path):
     assert base.kind == "frozen" and "base model" in base.description and base.model is not None
 
 
-def test_dpo_run_records_reference_and_rewards(tmp_path):
+def test_dpo_run_records_reference_and_rewards(tmp_path, tiny_path):
     res = launch("model=tiny", "method=dpo", "data=dpo_demo", "debug=smoke", "method.precompute_reference=true",
                  f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-2000:]
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["reference"] == {"kind": "adapter-disabled", "description": s["reference"]["description"], "precomputed": True}
+    assert s["base_model_path"] == str(tiny_path)
+    assert s["reference"] == {"kind": "adapter-disabled", "precomputed": True,
+                              "description": f"the starting policy (the base model {tiny_path}): the policy with its LoRA adapter disabled"}
     assert s["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]

@@ -9,13 +9,16 @@ Losses (`method.loss`), with Δ = (log π(y_c) − log π(y_r)) − (log π_ref(
   orpo     ORPO (Hong et al. 2024), no reference: NLL(y_c) − β·log σ(log-odds(p̄_c) − log-odds(p̄_r)), p̄ = exp(mean log-prob)
   simpo    SimPO (Meng et al. 2024), no reference: −log σ(β(ℓ̄_c − ℓ̄_r) − γ), ℓ̄ = mean log-prob
 `method.sft_weight` adds w·NLL(y_c) (per-token mean) to any of them. Rewards follow TRL's conventions:
-β·(log π − log π_ref) with a reference, β·ℓ̄ without.
+β·(log π − log π_ref) with a reference, β·ℓ̄ without. rewards/accuracies counts a tie (equal rewards up to float
+noise, as for every pair before training, when the policy is the reference) as half; rewards/ties is the share of
+ties. ORPO's log(1 − p̄) is computed as log1mexp(ℓ̄), finite (with a finite gradient) as ℓ̄ nears 0.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +64,9 @@ def preference_loss(x: LossInputs, loss: str, beta: float, label_smoothing: floa
     nll = -avg_c
     if loss in REFERENCE_FREE:
         reward_c, reward_r = beta * avg_c.detach(), beta * avg_r.detach()
+        scale = beta * (avg_c.abs() + avg_r.abs()).detach()
         if loss == "orpo":
-            log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+            log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
             losses = nll - beta * F.logsigmoid(log_odds)
         else:
             z = beta * (avg_c - avg_r) - simpo_gamma
@@ -70,6 +74,7 @@ def preference_loss(x: LossInputs, loss: str, beta: float, label_smoothing: floa
     else:
         delta = (x.chosen - x.rejected) - (x.ref_chosen - x.ref_rejected)
         reward_c, reward_r = beta * (x.chosen - x.ref_chosen).detach(), beta * (x.rejected - x.ref_rejected).detach()
+        scale = beta * (x.chosen.abs() + x.ref_chosen.abs() + x.rejected.abs() + x.ref_rejected.abs()).detach()
         if loss == "sigmoid":
             losses = -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
         elif loss == "robust":
@@ -84,9 +89,44 @@ def preference_loss(x: LossInputs, loss: str, beta: float, label_smoothing: floa
     if sft_weight:
         losses = losses + sft_weight * nll
     metrics = {"rewards/chosen": reward_c, "rewards/rejected": reward_r, "rewards/margins": reward_c - reward_r,
-               "rewards/accuracies": (reward_c > reward_r).float(), "logps/chosen": x.chosen.detach(),
+               "rewards/accuracies": reward_accuracy(reward_c, reward_r, scale),
+               "rewards/ties": reward_ties(reward_c, reward_r, scale).float(), "logps/chosen": x.chosen.detach(),
                "logps/rejected": x.rejected.detach(), "nll/chosen": nll.detach()}
     return losses.mean(), metrics
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0 without cancellation (Mächler 2012): log(−expm1(x)) for x > −ln 2, log1p(−exp(x)) below.
+
+    The naive log1p(−exp(x)) is −inf with a NaN gradient in float32 once exp(x) rounds to 1 (a mean log-prob above
+    about −6e-8, which ORPO meets as the policy grows sure of an answer). Each branch gets an input it is finite
+    on, so the branch torch.where drops carries no inf into the gradient; x is kept below −1e-12 (log(1 − exp(0)) is −inf).
+    """
+    x = x.clamp(max=-1e-12)
+    near = x > -math.log(2)
+    safe = torch.full_like(x, -1.0)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, safe))), torch.log1p(-torch.exp(torch.where(near, safe, x))))
+
+
+TIE = 1e-6  # a reward margin within this, plus the float32 rounding of the log-probs behind it, is a tie
+ROUNDING = 64 * torch.finfo(torch.float32).eps  # relative: summed log-probs of the same text in differently padded batches
+
+
+def reward_accuracy(reward_c: torch.Tensor, reward_r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """1 where the chosen answer's reward is higher, 0 where lower, 0.5 for a tie.
+
+    Before training the policy equals the reference and every reward is 0 up to float noise (the log-probs of the
+    same text computed in differently padded batches differ in their last bits); counting that noise as wins or
+    losses gave an untrained policy any accuracy from 0 to 1 instead of 0.5. `scale` is the size of what the margin
+    was computed from (β times the summed absolute log-probs): a margin within TIE + ROUNDING·scale is a tie.
+    """
+    margin = reward_c - reward_r
+    return torch.where(reward_ties(reward_c, reward_r, scale), torch.full_like(margin, 0.5), (margin > 0).to(margin.dtype))
+
+
+def reward_ties(reward_c: torch.Tensor, reward_r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """True where the two rewards are equal up to float noise (see reward_accuracy)."""
+    return (reward_c - reward_r).abs() <= TIE + ROUNDING * scale
 
 
 class Reference:
@@ -170,7 +210,7 @@ class PreferenceTrainer(SeededSampling, Trainer):
 
 # --- the reference model and held-out preference metrics (medgpt.stages.methods.dpo) ---
 
-REPORTED = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen", "eval_rewards/rejected")
+REPORTED = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/ties", "eval_rewards/margins", "eval_rewards/chosen", "eval_rewards/rejected")
 
 
 def choose_reference(cfg: DictConfig, setup, policy) -> Reference:
