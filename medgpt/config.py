@@ -233,11 +233,12 @@ class ServeConfig:
     port: int = bounded(8000, ge=1, le=65535)
     api_key: Optional[str] = None  # bearer key required on /v1/* (env MEDGPT_API_KEY works too)
     model_name: Optional[str] = None  # the id shown in /v1/models (default: the run's name)
-    max_batch_size: int = bounded(8, ge=1)  # requests generated together in one batch (hf engine)
+    max_batch_size: int = bounded(0, ge=1, also=(0,))  # requests decoded together; 0 = auto (from model size and memory, 8-64)
     batch_wait_ms: int = bounded(20, ge=0)  # how long the first request waits for others to join its batch
     max_tokens_limit: int = bounded(1024, ge=1)  # the largest max_tokens a request may ask for
     webui_port: int = bounded(7860, ge=1, le=65535)
     max_upload_kb: int = bounded(200, ge=1)  # size limit of a document uploaded in the web UI
+    max_body_kb: int = bounded(1024, ge=1)  # API request bodies above this are refused with 413 before parsing
     gpu_memory_utilization: float = bounded(0.85, gt=0, le=1)  # vllm
 
 

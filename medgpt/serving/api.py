@@ -8,7 +8,9 @@
 
 Streams are `data: {json}\\n\\n` chunks ending with `data: [DONE]\\n\\n`. With `api_key` set, /v1/* needs
 `Authorization: Bearer <key>` (401 otherwise). Bad requests get a 400 with a JSON error body naming
-the field; a client that disconnects mid-stream cancels its generation, which frees its batch slot.
+the field; a body above `max_body_kb` gets a 413 before it is parsed. A client that disconnects, mid-stream
+or while waiting for a non-streamed answer, cancels its generation, which frees its batch slot. Prompts
+are tokenised in a worker thread, so a long one never holds up the event loop (/health answers meanwhile).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medgpt.data.templates import ROLES
@@ -34,10 +37,69 @@ from medgpt.serving.protocol import ChatRequest, CompletionRequest, RequestError
 log = logging.getLogger(__name__)
 
 
-def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit: int = 1024) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body above `max_bytes` is answered 413 before anything parses it.
+
+    A declared Content-Length above the limit is refused without reading the body; a chunked body is read up to
+    the limit (and refused once it passes it), then handed to the app whole.
+    """
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.strip().isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send, f"{int(declared) / 1024:.0f} KB")
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nobody to answer
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send, f"more than {self.max_bytes // 1024} KB")
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send, size: str):
+        self.metrics.observe(scope["path"], 413)
+        kb = self.max_bytes // 1024
+        response = error_response(413, f"the request body ({size}) is above this server's limit of {kb} KB (serve.max_body_kb); "
+                                  "send a shorter prompt.", None, code="request_too_large", headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (the body has been read: the next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # a server that repeats empty body messages: do not spin
+
+
+def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit: int = 1024, max_body_kb: int = 1024) -> FastAPI:
     """`loaded`: medgpt.serving.loading.Loaded; `generation`: the config's sampling defaults."""
     app = FastAPI(title="medgpt", version="1", docs_url="/docs", redoc_url=None)
     metrics = Metrics()
+    app.add_middleware(BodyLimit, max_bytes=max_body_kb * 1024, metrics=metrics)
     model_id = loaded.artefacts.name
     created = int(time.time())
     app.state.loaded, app.state.metrics = loaded, metrics
@@ -108,7 +170,7 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
     async def chat_completions(body: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            ids = loaded.chat_ids(messages)
+            ids = await run_in_threadpool(loaded.chat_ids, messages)  # a long prompt takes seconds: not on the event loop
         except DataError as e:
             raise RequestError("messages", f"messages: {e} (roles: {', '.join(ROLES)}; a system message may only come first).") from None
         params = params_for(body, len(ids), "messages")
@@ -121,7 +183,7 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
         prompts = body.prompts()
         if body.stream and len(prompts) > 1:
             raise RequestError("prompt", "prompt: streaming takes a single prompt.")
-        encoded = [loaded.text_ids(p) for p in prompts]
+        encoded = await run_in_threadpool(lambda: [loaded.text_ids(p) for p in prompts])
         params = [params_for(body, len(ids), "prompt") for ids in encoded]
         loop = asyncio.get_running_loop()
         handles = [loaded.engine.submit(ids, p, loop=loop) for ids, p in zip(encoded, params)]
@@ -135,11 +197,20 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
             return StreamingResponse(sse(handles, rid, kind, include_usage, endpoint, started), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         handles = handles if isinstance(handles, list) else [handles]
+        # Starlette does not cancel a handler whose client went away: watch for the disconnect ourselves
+        collecting = asyncio.ensure_future(asyncio.gather(*(collect(h) for h in handles)))
+        watching = asyncio.ensure_future(_disconnected(request))
         try:
-            results = [await collect(h) for h in handles]
+            await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if not collecting.done():  # the client is gone: nobody will read the answer
+                collecting.cancel()
+                metrics.observe(endpoint, 499)  # nginx's "client closed request"
+                return Response(status_code=499)
+            results = collecting.result()
         finally:
+            watching.cancel()
             for h in handles:
-                h.cancel()  # no-op for finished requests; stops the rest if this task was cancelled (client gone)
+                h.cancel()  # no-op for finished requests; stops the rest when the client is gone (or this task was cancelled)
         failed = next((d for d in results if d.finish_reason == "error"), None)
         if failed:
             metrics.observe(endpoint, 500)
@@ -201,4 +272,5 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
                 metrics.observe(endpoint, 499)  # nginx's "client closed request"
             handle.cancel()  # the client went away (or we are done): stop generating, free the slot
 
+    metrics.endpoints = frozenset(route.path for route in app.routes)  # any other path is counted as "other"
     return app

@@ -4,8 +4,8 @@ An engine takes prompt token ids (the caller renders the chat template and token
 sees exactly the ids training saw) and sampling parameters, and answers with a `Handle`: an iterator,
 sync or async, of `Delta`s — new text as it is decoded, the last one carrying `finish_reason`
 (stop | length | cancelled | error) and the token counts. `Handle.cancel()` stops the request and frees
-its slot (the API calls it when a client disconnects mid-stream). The engines themselves live in
-hf_engine.py (transformers, batching concurrent requests) and vllm_engine.py.
+its slot (the API calls it when a client disconnects, mid-stream or while waiting for a whole answer).
+The engines themselves live in hf_engine.py (transformers, batching concurrent requests) and vllm_engine.py.
 """
 
 from __future__ import annotations

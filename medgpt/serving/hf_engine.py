@@ -8,6 +8,10 @@ finished or cancelled row leaves the batch at once (its cache rows are dropped) 
 takes the free slot: it is prefilled and its cache is left-padded into the running batch. On CPU
 this beats one-at-a-time decoding by ~5x at 8 requests (bench/serve_concurrency.py), because a step
 costs about the same for 1 row as for 8.
+
+`max_batch_size=0` (serve.max_batch_size's default) picks the batch size from the model and the memory:
+as many KV caches of min(context, 4096) tokens as fit beside the weights (CUDA: 90% of the device's
+memory; CPU: 70% of the available RAM), clamped to 8..64 (`auto_batch_size`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,43 @@ import torch.nn.functional as F
 from medgpt.serving.engine import Delta, Engine, Handle
 
 log = logging.getLogger(__name__)
+AUTO_BATCH_RANGE = (8, 64)  # serve.max_batch_size=0: never fewer than the old fixed default, never more than measured useful
+AUTO_REQUEST_TOKENS = 4096  # the KV cache budgeted per request: a long prompt plus a long answer (at most the context)
+
+
+def kv_bytes_per_token(config, bytes_per_element: int) -> int:
+    """Bytes of KV cache one token takes in every layer (keys and values), from a transformers config; 0 if unknown."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if not (layers and kv_heads and head_dim):
+        return 0
+    return int(2 * layers * kv_heads * head_dim * bytes_per_element)
+
+
+def auto_batch_size(n_params: float, bytes_per_param: float, kv_bytes_per_token: int, context: int, memory_bytes: float,
+                    fraction: float = 0.9, limits: tuple[int, int] = AUTO_BATCH_RANGE) -> int:
+    """How many requests to decode together: the KV caches of `context` tokens that fit in `fraction` of
+    `memory_bytes` (the memory for weights and cache) once the weights are in, clamped to `limits`."""
+    lo, hi = limits
+    per_request = kv_bytes_per_token * context
+    if per_request <= 0:
+        return lo  # an architecture we cannot size: the conservative end
+    room = memory_bytes * fraction - n_params * bytes_per_param
+    return int(min(hi, max(lo, room // per_request)))
+
+
+def _memory_for(device: torch.device, weight_bytes: int) -> tuple[float, float]:
+    """(memory for weights + cache, the fraction of it to use) on `device`, the loaded weights counted as usable."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_allocated(device), 0.9
+    import psutil
+
+    return psutil.virtual_memory().available + weight_bytes, 0.7  # the CPU's RAM is shared with everything else
 
 
 class _Row:
@@ -88,9 +129,11 @@ class HFEngine(Engine):
                  batch_wait_ms: int = 20, context_length: int | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.stop_ids, self.stop_strings = set(stop_ids), stop_strings
-        self.max_batch_size, self.batch_wait = max(1, max_batch_size), batch_wait_ms / 1000
+        self.batch_wait = batch_wait_ms / 1000
         self.context_length = context_length or 2048
         self.device = next(model.parameters()).device
+        self.auto_batch = max_batch_size <= 0
+        self.max_batch_size = self._auto_batch_size() if self.auto_batch else max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.2x renamed it
@@ -115,7 +158,28 @@ class HFEngine(Engine):
         return handle
 
     def stats(self) -> dict:
-        return {**self.counters, "running": sum(not r.done for r in list(self._rows)), "waiting": self._inbox.qsize()}
+        return {**self.counters, "running": sum(not r.done for r in list(self._rows)), "waiting": self._inbox.qsize(),
+                "max_batch_size": self.max_batch_size}
+
+    def _auto_batch_size(self) -> int:
+        params = list(self.model.parameters())
+        n_params = sum(p.numel() for p in params)
+        weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        try:
+            element = torch.empty((), dtype=self.model.dtype).element_size()
+        except (AttributeError, TypeError):
+            element = 2
+        kv = kv_bytes_per_token(self.model.config, element)
+        try:
+            memory, fraction = _memory_for(self.device, weight_bytes)
+        except Exception as e:  # no psutil, an odd device: the conservative end
+            log.warning("cannot measure free memory (%s); serving batches of %d", e, AUTO_BATCH_RANGE[0])
+            return AUTO_BATCH_RANGE[0]
+        tokens = min(self.context_length, AUTO_REQUEST_TOKENS)
+        size = auto_batch_size(n_params, weight_bytes / max(n_params, 1), kv, tokens, memory, fraction)
+        log.info("max_batch_size=auto: %d (%.2f GB weights, %d bytes of KV cache a token, %d tokens a request, %.1f GB memory x %.1f)",
+                 size, weight_bytes / 1e9, kv, tokens, memory / 1e9, fraction)
+        return size
 
     def close(self) -> None:
         if self._closed and not self._thread.is_alive():

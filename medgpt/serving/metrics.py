@@ -8,9 +8,16 @@ from collections import defaultdict
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # seconds
 
 
+OTHER = "other"  # the endpoint label of every path the server does not serve (404s of scanners, typos)
+
+
 class Metrics:
-    def __init__(self):
+    """`endpoints`: the paths served; any other path is counted under the one label "other", so that requests for
+    arbitrary paths cannot create an unbounded number of series."""
+
+    def __init__(self, endpoints=None):
         self._lock = threading.Lock()
+        self.endpoints: frozenset[str] | None = frozenset(endpoints) if endpoints is not None else None
         self.requests: dict[tuple[str, int], int] = defaultdict(int)  # (endpoint, status) -> count
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -18,7 +25,11 @@ class Metrics:
         self.latency_count: dict[str, int] = defaultdict(int)
         self.latency_buckets: dict[str, list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
 
+    def label(self, path: str) -> str:
+        return path if self.endpoints is None or path in self.endpoints else OTHER
+
     def observe(self, endpoint: str, status: int, seconds: float | None = None, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        endpoint = self.label(endpoint)
         with self._lock:
             self.requests[(endpoint, status)] += 1
             self.prompt_tokens += prompt_tokens

@@ -7,6 +7,7 @@ predict.py (batch files), webui.py (Gradio).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import socket
@@ -19,14 +20,16 @@ from medgpt.registry import register
 
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+VLLM_AUTO_BATCH = 256  # vLLM's own max_num_seqs default: its paged KV cache (and preemption) handles the memory
 
 
 def check_settings(cfg: DictConfig) -> None:
     s, g = cfg.serve, cfg.generation
     if s.engine not in ("hf", "vllm"):
         raise ConfigError(f"serve.engine={s.engine!r} is not one of hf, vllm.")
-    if s.max_batch_size < 1 or s.batch_wait_ms < 0:
-        raise ConfigError("serve.max_batch_size must be at least 1 and serve.batch_wait_ms at least 0.")
+    if s.max_batch_size < 0 or s.batch_wait_ms < 0:
+        raise ConfigError("serve.max_batch_size must be at least 1 (or 0: chosen from the model and the memory) "
+                          "and serve.batch_wait_ms at least 0.")
     if g.max_new_tokens < 1 or g.temperature < 0 or not 0 < g.top_p <= 1 or g.repetition_penalty <= 0:
         raise ConfigError("generation: max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1 and repetition_penalty > 0 are required.")
     if cfg.predict.batch_size < 1:
@@ -38,18 +41,32 @@ def _check_port(host: str, port: int, key: str) -> None:
         raise ConfigError(f"{key}={port} is not a TCP port (1-65535).")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # as uvicorn binds: with SO_REUSEADDR, connections of a server that just stopped (TIME_WAIT) do not count as busy
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as e:
             raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pick a free port with {key}=<port>.") from None
 
 
+def vllm_batch_size(cfg: DictConfig) -> int:
+    """vLLM's max_num_seqs: serve.max_batch_size, or vLLM's own default when it is 0 (auto)."""
+    return cfg.serve.max_batch_size or VLLM_AUTO_BATCH
+
+
 def _load(cfg: DictConfig, mode: str, max_batch_size: int | None = None):
     from medgpt.serving.loading import load
 
     check_settings(cfg)
+    if cfg.serve.engine == "vllm" and not cfg.serve.max_batch_size:
+        cfg = copy.deepcopy(cfg)  # the vllm engine reads serve.max_batch_size itself
+        cfg.serve.max_batch_size = vllm_batch_size(cfg)
     loaded = load(cfg, max_batch_size)
     print(loaded.describe(mode), flush=True)
+    if mode in ("serve", "webui"):
+        batch = getattr(loaded.engine, "max_batch_size", None) or cfg.serve.max_batch_size
+        how = " (serve.max_batch_size=0: from the model size and free memory)" if getattr(loaded.engine, "auto_batch", False) else ""
+        print(f"  batch          up to {batch} requests decoded together{how}", flush=True)
     return loaded
 
 
@@ -68,7 +85,7 @@ def serve(cfg: DictConfig, log_dir: Path) -> dict:
     if host not in LOCAL_HOSTS and not key:
         log.warning("serving on %s without an API key: anyone on the network can use it (set serve.api_key or MEDGPT_API_KEY)", host)
     loaded = _load(cfg, "serve")
-    app = create_app(loaded, cfg.generation, key, cfg.serve.max_tokens_limit)
+    app = create_app(loaded, cfg.generation, key, cfg.serve.max_tokens_limit, cfg.serve.max_body_kb)
     shown = f"[{host}]" if ":" in host else host
     print(f"  listening      http://{shown}:{port}/v1  (API key {'required' if key else 'off'}; GET /health, /metrics)", flush=True)
     try:
@@ -115,7 +132,8 @@ def webui(cfg: DictConfig, log_dir: Path) -> dict:
     print(f"  web UI         http://{host}:{port}" + ("  (log in with any user name and the API key as password)" if key else ""), flush=True)
     auth = (lambda user, password: password == key) if key else None
     try:
-        demo.queue(default_concurrency_limit=cfg.serve.max_batch_size).launch(
+        batch = getattr(loaded.engine, "max_batch_size", None) or cfg.serve.max_batch_size or VLLM_AUTO_BATCH
+        demo.queue(default_concurrency_limit=batch).launch(
             server_name=host, server_port=port, auth=auth, show_error=True, inbrowser=False, share=False, ssr_mode=False, quiet=True,
             max_file_size=f"{max(10 * cfg.serve.max_upload_kb, 1024)}kb")  # larger uploads get our own clearer message
     finally:

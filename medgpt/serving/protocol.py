@@ -1,12 +1,14 @@
 """OpenAI-compatible request schemas (pydantic) and the JSON error body every 4xx/5xx answer carries.
 
-Unknown fields are ignored (clients send many), but every field we read is checked: a bad value is a
-400 whose body names the field, e.g. {"error": {"message": "messages: Input should be a valid list",
+Unknown fields are ignored (clients send many), but every field we read is checked, with strict types
+(`"stream": "yes"` or `"max_tokens": true` are refused, not coerced): a bad value is a 400 whose body
+names the field, e.g. {"error": {"message": "messages: Input should be a valid list",
 "type": "invalid_request_error", "param": "messages", "code": "invalid_value"}}.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Optional, Union
 
 from fastapi.responses import JSONResponse
@@ -43,22 +45,23 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class _Sampling(BaseModel):
+    # strict=True: JSON true is not 1, "yes" is not true, 2.5 is not an int (floats still take ints: 0 is 0.0)
     model_config = ConfigDict(extra="ignore")
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, gt=0)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    max_tokens: Optional[int] = Field(None, gt=0, strict=True)
+    temperature: Optional[float] = Field(None, ge=0, le=2, strict=True)
+    top_p: Optional[float] = Field(None, gt=0, le=1, strict=True)
+    top_k: Optional[int] = Field(None, ge=-1, strict=True)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=10, strict=True)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, strict=True)
+    stream: bool = Field(False, strict=True)
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    n: int = Field(1, ge=1, le=1, strict=True, description="only one choice per request")
 
     @field_validator("stop")
     @classmethod
@@ -71,7 +74,7 @@ class _Sampling(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, gt=0)
+    max_completion_tokens: Optional[int] = Field(None, gt=0, strict=True)
 
     def wanted_tokens(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
@@ -79,7 +82,7 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str]]
-    echo: bool = False
+    echo: bool = Field(False, strict=True)
 
     @field_validator("prompt")
     @classmethod
@@ -103,14 +106,18 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
+_BRANCH = re.compile(r"^(str|int|float|bool|none|TextPart|[\w-]+\[.*\])$")
+
+
 def first_validation_error(errors: list[dict]) -> tuple[str | None, str]:
     """(param, message) for the first pydantic error of a request body."""
     err = errors[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     if err.get("type") == "json_invalid":
         return None, "the request body is not valid JSON"
-    # drop the union/literal branch names pydantic inserts (e.g. 'str', 'list[TextPart]')
-    loc = [p for p in loc if not (p.startswith(("str", "list[", "function-")) or p in ("TextPart",))]
+    # drop the union branch names pydantic inserts ('str', 'list[TextPart]', 'function-after[...]', 'TextPart'),
+    # never a field name ('stream', 'stream_options')
+    loc = [p for p in loc if not _BRANCH.match(p)]
     param = ".".join(loc) or None
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if err.get("type") == "missing":

@@ -4,16 +4,85 @@ Streaming answers, a system-prompt box, temperature / top_p / max_tokens sliders
 icon of the chat), and upload of a .txt or .md document whose text is put before the question as
 context. A document above `serve.max_upload_kb` is refused with a message saying so; the document
 stays in the conversation (later turns see it too, read again from Gradio's upload cache).
+
+The header names the base model, the adapter (or the run's full weights) and the chat template once. The
+system prompt box starts with the prompt the run trained with (its config.yaml's `data.system_prompt`),
+else with MEDICAL_SYSTEM_PROMPT; never with the base model's own ("You are ... SmolLM ...").
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from medgpt.serving.engine import sampling_params
 
+log = logging.getLogger(__name__)
 DOC_TYPES = (".txt", ".md")
+MEDICAL_SYSTEM_PROMPT = ("You are a careful medical assistant. Answer health questions accurately and clearly, say when you "
+                         "are not sure, and advise seeing a doctor for a diagnosis, for treatment, or at once in an emergency.")
+
+
+def _run_config(artefacts):
+    """The served run's config.yaml (None without a run, or when it cannot be read)."""
+    if artefacts.run_dir is None or not (Path(artefacts.run_dir) / "config.yaml").exists():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.load(Path(artefacts.run_dir) / "config.yaml")
+    except Exception as e:  # a damaged config must not stop the UI: fall back to the defaults
+        log.warning("cannot read %s/config.yaml: %s", artefacts.run_dir, e)
+        return None
+
+
+def default_system_prompt(artefacts) -> str:
+    """The run's training system prompt (data.system_prompt), else MEDICAL_SYSTEM_PROMPT."""
+    from omegaconf import OmegaConf
+
+    cfg = _run_config(artefacts)
+    prompt = OmegaConf.select(cfg, "data.system_prompt", default=None) if cfg is not None else None
+    return prompt.strip() if isinstance(prompt, str) and prompt.strip() else MEDICAL_SYSTEM_PROMPT
+
+
+def model_name(path: str | None) -> str:
+    """A readable name for a model folder or hub id: 'org/name' for a Hugging Face cache snapshot, else the folder name."""
+    if not path:
+        return "?"
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        return str(path)  # a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct
+    parts = p.parts
+    if "snapshots" in parts:  # .../models--org--name/snapshots/<commit>
+        i = parts.index("snapshots")
+        if i > 0 and parts[i - 1].startswith("models--"):
+            return parts[i - 1][len("models--"):].replace("--", "/")
+    return p.name or str(path)
+
+
+def _relative(path: str, run_dir) -> str:
+    try:
+        return str(Path(path).relative_to(Path(run_dir).parent))
+    except (TypeError, ValueError):
+        return Path(path).name
+
+
+def header(artefacts) -> str:
+    """'**<name>**: base model X + adapter <run>/adapter, chat template T' (each named once)."""
+    a = artefacts
+    if a.weights == "adapter":
+        what = f"base model {model_name(a.model_path)} + adapter {_relative(a.adapter_path, a.run_dir)}"
+    elif a.weights == "untrained":
+        what = f"base model {model_name(a.model_path)} (untrained)"
+    else:  # merged | model: the run's full weights
+        from omegaconf import OmegaConf
+
+        cfg = _run_config(a)
+        base = OmegaConf.select(cfg, "model.name_or_path", default=None) if cfg is not None else None
+        kind = "merged model" if a.weights == "merged" else "fine-tuned model"
+        what = f"{kind} {_relative(a.model_path, a.run_dir)}" + (f" (base model {model_name(base)})" if base else "")
+    return f"**{a.name}**: {what}, chat template {a.template.name}"
 
 
 class DocumentError(ValueError):
@@ -129,11 +198,10 @@ def build_ui(loaded, generation, max_upload_kb: int = 200, max_tokens_limit: int
             yield "(the model ended its answer without any text)"
 
     a = loaded.artefacts
-    description = (f"**{a.name}** — weights: {a.weights}, template: {a.template.name}"
-                   f"{', adapter: ' + Path(a.adapter_path).name if a.adapter_path else ''}. "
-                   f"Attach a .txt or .md document (up to {max_upload_kb} KB) to ask about it. Not medical advice.")
+    description = (f"{header(a)}. Attach a .txt or .md document (up to {max_upload_kb} KB) to ask about it. "
+                   "Not medical advice.")
     inputs = [
-        gr.Textbox(label="System prompt", value=a.template.default_system or "", lines=2),
+        gr.Textbox(label="System prompt", value=default_system_prompt(a), lines=2),
         gr.Slider(0.0, 2.0, value=float(generation.temperature), step=0.05, label="temperature (0 = greedy)"),
         gr.Slider(0.05, 1.0, value=float(generation.top_p), step=0.05, label="top_p"),
         gr.Slider(1, max_tokens_limit, value=min(int(generation.max_new_tokens), max_tokens_limit), step=1, label="max_tokens"),
