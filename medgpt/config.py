@@ -291,6 +291,23 @@ class CompareConfig:
 
 
 @dataclass
+class EvalConfig:
+    """mode=eval (conf/eval/<suite>.yaml; medgpt/evaluation/): what is evaluated and how it is scored."""
+
+    name: str = choice(MISSING, "mcq", "generation")  # the suite: eval/<name>/ in the run directory
+    files: list[str] = MISSING  # questions: paths or globs relative to paths.root
+    limit: Optional[int] = bounded(None, ge=1)  # the first N questions only (null = all)
+    on_error: str = choice("fail", "fail", "skip")  # a malformed question: stop, or skip it (and count it)
+    batch_size: int = bounded(8, ge=1)  # questions per forward pass / per generation batch (higher = more memory)
+    max_new_tokens: int = bounded(128, ge=1)  # generated tokens per answer (generation; mcq with scoring=generate)
+    scoring: str = choice("loglik", "loglik", "generate")  # mcq: log-likelihood of each option, or a generated letter
+    target: str = choice("letter", "letter", "text")  # mcq loglik: score the option's letter or its text
+    normalize: str = choice("none", "none", "token", "byte")  # mcq loglik: the score that decides (summed, or per token/byte)
+    shots: int = bounded(0, ge=0)  # mcq: solved examples from dev_files before each question
+    dev_files: list[str] = field(default_factory=list)  # mcq: where the shots come from
+
+
+@dataclass
 class PathsConfig:
     root: str = MISSING
     data_dir: str = MISSING
@@ -324,6 +341,7 @@ class Config:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    eval: EvalConfig = MISSING  # chosen by eval=<suite> (mcq | generation); read by mode=eval
     trainer: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field, e.g. trainer.optim=adamw_torch_fused
 
 
@@ -376,7 +394,7 @@ def register_configs() -> None:
 
 GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "deepspeed": DeepSpeedConfig,
                  "hardware": HardwareConfig, "template": TemplateConfig, "logger": LoggerConfig,
-                 "launcher": LauncherConfig, "fsdp": FSDPConfig}
+                 "launcher": LauncherConfig, "fsdp": FSDPConfig, "eval": EvalConfig}
 
 # The top-level nodes whose values check_values() checks, per mode (the top-level keys mode and seed always):
 # the nodes that mode reads. Serving loads with model/template/hardware (dtype, device) besides run=<dir>;
@@ -388,7 +406,7 @@ CHECKED_NODES = {
     "serve": SERVING_NODES, "chat": SERVING_NODES, "webui": SERVING_NODES,
     "predict": (*SERVING_NODES, "predict"),
     "merge": ("merge",),
-    "eval": ("model", "data", "template", "hardware", "generation"),
+    "eval": ("model", "template", "hardware", "eval"),
     "compare": ("compare",),
 }
 
@@ -415,6 +433,8 @@ def node_schema(cfg: DictConfig, key: str) -> type:
 def check_known_keys(cfg: DictConfig) -> None:
     """Keys forced in with `+group.key=...` bypass struct mode; refuse them here instead of ignoring them."""
     for group in [*GROUP_SCHEMAS, "method"]:
+        if group not in cfg:  # a run's config.yaml saved before the group existed (resume=true reads it)
+            continue
         known = {f.name for f in dataclasses.fields(node_schema(cfg, group))}
         unknown = sorted(set(cfg[group].keys()) - known)
         if unknown:
@@ -438,7 +458,7 @@ def check_values(cfg: DictConfig) -> None:
     """Each value within its field's limits: the top-level mode and seed always, then the nodes the mode reads
     (CHECKED_NODES): train checks the training groups, launcher, fsdp, watchdog, sweep and merge; serve, chat
     and webui check model, template, hardware, generation and serve (predict adds predict); merge checks
-    merge; compare checks compare; eval checks model, data, template, hardware and generation."""
+    merge; compare checks compare; eval checks model, template, hardware and eval."""
     check_fields(cfg, Config)
     for key in CHECKED_NODES[cfg.mode]:
         check_fields(cfg[key], node_schema(cfg, key), f"{key}.")

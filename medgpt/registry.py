@@ -16,7 +16,8 @@ from medgpt.errors import ConfigError
 Mode = Callable[..., dict]
 MODES: dict[str, Mode] = {}
 # Modules whose import files the modes; kept lazy so composing a config never imports torch.
-MODE_MODULES = ("medgpt.stages.merge", "medgpt.stages.pipeline", "medgpt.serving.modes", "medgpt.tracking.compare")
+MODE_MODULES = ("medgpt.stages.merge", "medgpt.stages.pipeline", "medgpt.serving.modes", "medgpt.tracking.compare",
+                "medgpt.evaluation.modes")
 
 
 def available() -> list[str]:
