@@ -8,6 +8,8 @@ Formats (`data.format`, or `auto` from the first record's fields):
   preference  {"conversations" | "messages": prompt turns, "chosen", "rejected"} (a response is a string
               or a {"from"/"role", "value"/"content"} turn), or the flat MedicalGPT form
               {"system", "history", "question", "response_chosen", "response_rejected"}
+  unpaired    {"conversations" | "messages": prompt turns, "completion": the answer, "label": true|false}, or
+              the answer as the final assistant turn and no "completion" (method=kto; label = desirable or not)
 `data.columns` renames fields ({our_name: their_name}). Every error names the file, the line and the
 field; with `data.on_error=skip` malformed records are dropped and counted instead.
 """
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                 "model": "assistant", "system": "system"}
-FORMATS = ("sharegpt", "messages", "alpaca", "text", "preference")
+FORMATS = ("sharegpt", "messages", "alpaca", "text", "preference", "unpaired")
 
 
 @dataclass
@@ -40,6 +42,8 @@ class Record:
     text: str | None = None  # text format
     chosen: str | None = None  # preference format
     rejected: str | None = None
+    completion: str | None = None  # unpaired format: the answer judged, and whether it is desirable
+    label: bool | None = None
 
 
 @dataclass
@@ -108,6 +112,8 @@ def detect_format(record: Any, where: str) -> str:
     keys = set(record)
     if "chosen" in keys or "response_chosen" in keys:
         return "preference"
+    if "completion" in keys or ("label" in keys and keys & {"conversations", "messages"}):
+        return "unpaired"
     for key, fmt in (("conversations", "sharegpt"), ("messages", "messages"), ("instruction", "alpaca"), ("text", "text")):
         if key in keys:
             return fmt
@@ -227,6 +233,31 @@ def _preference(rec: dict, where: str, cols: dict) -> Record:
     return Record(where, messages=prompt, chosen=chosen, rejected=rejected)
 
 
+def _unpaired(rec: dict, where: str, cols: dict) -> Record:
+    key = "conversations" if cols.get("conversations", "conversations") in rec else "messages"
+    role_key, content_key = ("from", "value") if key == "conversations" else ("role", "content")
+    turns = _turns(_get(rec, key, cols, where, list), where, cols.get(key, key), role_key, content_key)
+    turns = _with_system(turns, _get(rec, "system_prompt", cols, where, required=False))
+    if cols.get("completion", "completion") in rec:
+        if turns and turns[-1]["role"] == "assistant":
+            raise DataError(f"{where}: with a 'completion' field the turns must end with a user turn (the completion is the answer).")
+        prompt, completion = turns, _response(_get(rec, "completion", cols, where, (str, dict, list)), where, "completion")
+    elif turns and turns[-1]["role"] == "assistant":
+        prompt, completion = turns[:-1], turns[-1]["content"]
+    else:
+        raise DataError(f"{where}: an unpaired record needs a 'completion' field or a final assistant turn (the answer to judge).")
+    check_dialogue(prompt, where, end_with="user")
+    if not completion.strip():
+        raise DataError(f"{where}: the completion is empty.")
+    label_key = cols.get("label", "label")
+    label = rec.get(label_key)
+    if label is None:
+        raise DataError(f"{where}: missing field '{label_key}' (true if the completion is a desirable answer, false if not).")
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise DataError(f"{where}: field '{label_key}' must be true or false, got {label!r}.")
+    return Record(where, messages=prompt, completion=completion, label=bool(label))
+
+
 _DIALOGUE: dict[str, Callable[[dict, str, dict], list[dict]]] = {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca}
 
 
@@ -240,8 +271,8 @@ def normalise(raw: Any, fmt: str, where: str, columns: dict, system_prompt: str 
         return Record(where, text=text)
     if not isinstance(raw, dict):
         raise DataError(f"{where}: a {fmt} record must be a JSON object, got {type(raw).__name__}.")
-    if fmt == "preference":
-        rec = _preference(raw, where, columns)
+    if fmt in ("preference", "unpaired"):
+        rec = (_preference if fmt == "preference" else _unpaired)(raw, where, columns)
         rec.messages = _with_system(rec.messages, system_prompt)
         return rec
     if fmt not in _DIALOGUE:
