@@ -48,7 +48,18 @@ def test_mask_trains_exactly_the_answers_and_their_stop(name, tokenizer):
     else:  # e.g. llama3's <|eot_id|> is plain text to this tokenizer: a token straddling the stop is trained too
         assert all(a in tokenizer.decode(trained) for a in answers)
         assert len(tokenizer.decode(trained)) <= len("".join(answers)) + 2
-    assert tail.endswith(stop) or stop in tail  # every answer ends with the stop string, and it is trained
+    # every answer ends with the stop string, and it is TRAINED: each trained run of labels (one per answer) ends with it
+    runs, run = [], []
+    for label in enc.labels + [IGNORE]:
+        if label != IGNORE:
+            run.append(label)
+        elif run:
+            runs, run = runs + [tokenizer.decode(run)], []
+    assert len(runs) == len(answers)
+    for text, answer in zip(runs, answers):
+        assert stop in answer and text.startswith(answer[: answer.rindex(stop)])
+        _, found, after = text.rpartition(stop)
+        assert found and len(after) <= 2, text  # <= 2: a token straddling a plain-text stop and what follows (see above)
     # prompt tokens are masked: the user's words never appear in the trained text
     assert "headache" not in tokenizer.decode(trained) and "headache" in tokenizer.decode(enc.input_ids)
 

@@ -11,7 +11,11 @@ fall back to tokenising segment by segment.
 Labels are -100 on prompt tokens (unless `train_on_inputs`) and on the separator after an answer.
 Truncation to `max_length`: whole (user, assistant) turns are dropped from the end while more than
 one remains; a single turn that is still too long keeps its stop tokens, cuts the answer from the
-right and, if the prompt leaves less than half the row, the prompt from the left.
+right and, if the prompt leaves less than half the row, the prompt from the left. A cut falls between
+whole characters: byte-level tokenizers split a Chinese character (3 UTF-8 bytes) over several tokens,
+and a cut between them would train the model on half a character (decoded: U+FFFD) before the stop
+token, so the answer loses the last bytes of an unfinished character too (and a prompt cut from the
+left its first ones).
 """
 
 from __future__ import annotations
@@ -68,21 +72,47 @@ def encode_dialogue(messages: list[dict], template: Template, tokenizer, max_len
         last_turn -= 1
         truncated = True
     if len(tokens) > max_length:
-        tokens = _fit_turn(tokens, max_length)
+        tokens = _fit_turn(tokens, max_length, tokenizer)
         truncated = True
     labels = [i if (kind in TRAINED or (train_on_inputs and kind == "prompt")) else IGNORE for i, kind, _ in tokens]
     return Encoded([i for i, _, _ in tokens], labels, truncated)
 
 
-def _fit_turn(tokens: list[Token], max_length: int) -> list[Token]:
+def _fit_turn(tokens: list[Token], max_length: int, tokenizer) -> list[Token]:
     """One over-long turn: keep the stop tokens; cut the answer from the right, the prompt from the left."""
     prompt = [t for t in tokens if t[1] == "prompt"]
     answer = [t for t in tokens if t[1] == "answer"]
     tail = [t for t in tokens if t[1] in ("answer_end", "turn_end")]
     room = max_length - len(tail)
     keep_prompt = min(len(prompt), max(room - len(answer), room // 2))
-    prompt = prompt[len(prompt) - keep_prompt:]
-    return prompt + answer[: room - len(prompt)] + tail
+    prompt = prompt[_clean_start(prompt, len(prompt) - keep_prompt, tokenizer):]
+    return prompt + answer[: _clean_end(answer, room - len(prompt), tokenizer)] + tail
+
+
+REPLACEMENT = "\ufffd"  # what decoding gives for the bytes of an unfinished character
+WINDOW = 8  # tokens decoded to judge a cut: a character is at most 4 bytes, so at most 4 tokens
+
+
+def _clean_end(tokens: list[Token], end: int, tokenizer) -> int:
+    """The largest cut <= end after which tokens[:cut] ends on a whole character."""
+    end = max(0, min(end, len(tokens)))
+    if end == len(tokens):
+        return end  # nothing cut
+    for cut in range(end, max(0, end - WINDOW // 2) - 1, -1):
+        if cut == 0 or not tokenizer.decode([i for i, _, _ in tokens[max(0, cut - WINDOW):cut]]).endswith(REPLACEMENT):
+            return cut
+    return end  # not a split character (e.g. a literal U+FFFD in the data): cut where asked
+
+
+def _clean_start(tokens: list[Token], start: int, tokenizer) -> int:
+    """The smallest cut >= start before which nothing of a character is left: tokens[cut:] starts on a whole character."""
+    start = max(0, min(start, len(tokens)))
+    if start == 0:
+        return start  # nothing cut
+    for cut in range(start, min(len(tokens), start + WINDOW // 2) + 1):
+        if cut == len(tokens) or not tokenizer.decode([i for i, _, _ in tokens[cut:cut + WINDOW]]).startswith(REPLACEMENT):
+            return cut
+    return start
 
 
 @dataclass
@@ -107,11 +137,12 @@ def encode_response(prompt: list[dict], response: str, template: Template, token
     head, resp = tokens[:split], tokens[split:]
     prompt_cut = len(head) > max_prompt_length
     if prompt_cut:
-        head = head[len(head) - max_prompt_length:]
+        head = head[_clean_start(head, len(head) - max_prompt_length, tokenizer):]
     response_cut = len(head) + len(resp) > max_length
     if response_cut:
         tail = [t for t in resp if t[1] != "answer"]
-        resp = [t for t in resp if t[1] == "answer"][: max(0, max_length - len(head) - len(tail))] + tail
+        answer = [t for t in resp if t[1] == "answer"]
+        resp = answer[: _clean_end(answer, max_length - len(head) - len(tail), tokenizer)] + tail
     ids = [i for i, _, _ in head + resp]
     labels = [IGNORE] * len(head) + [i if kind in TRAINED else IGNORE for i, kind, _ in resp]
     return EncodedResponse(ids, labels, prompt_cut, response_cut)
