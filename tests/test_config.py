@@ -91,12 +91,12 @@ def test_cli_composes_and_rejects_typo():
     assert bad.returncode != 0 and "learnin_rate" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_unknown_or_unbuilt_mode_lists_modes():
+def test_unknown_mode_lists_modes(tmp_path):
     res = launch("mode=dance", "model=tiny")
     assert res.returncode == 1
     assert "mode='dance'" in res.stderr and "train, serve" in res.stderr and "Traceback" not in res.stderr
-    res = launch("mode=eval", "run=latest")
-    assert res.returncode == 1 and "mode=eval is not available yet" in res.stderr and "merge" in res.stderr
+    res = launch("mode=eval", "run=latest", f"paths.output_dir={tmp_path}")  # a mode that reads a run, with none there
+    assert res.returncode == 1 and f"run=latest: no completed run under {tmp_path}" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_each_method_brings_its_default_data_and_the_command_line_wins():
