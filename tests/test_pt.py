@@ -40,11 +40,13 @@ def test_pt_stage_runs_on_text_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("\n".join(f"Document {i}: the heart pumps blood through the body." for i in range(30)))
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"Record {i}: insulin lowers blood glucose."}) for i in range(10)))
     res = launch("model=tiny", "method=pt", "debug=smoke", f"data.train_files=[{tmp_path}/a.txt,{tmp_path}/b.jsonl]",
-                 "data.format=text", "data.eval_files=[]", "data.eval_split=0.1", "method.max_length=64", f"hydra.run.dir={tmp_path / 'run'}")
+                 "data.format=text", "data.eval_files=[]", "data.eval_split=0.1", "method.max_length=64", "method.learning_rate=5e-3",
+                 f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 0, res.stderr[-2000:]
     s = json.loads((tmp_path / "run/summary.json").read_text())
     assert s["status"] == "completed" and s["stage"] == "pt" and s["data"]["train"]["documents"] == 29  # smoke: 32 records, 3 held out
-    assert s["eval_loss"] < s["eval_loss_before"] + 1e-3 and s["eval_perplexity"] > 1
+    # it learns: 8 steps at lr 5e-3 on this repetitive text take the held-out loss from ~10.8 to ~10.3 nats
+    assert s["eval_loss"] < s["eval_loss_before"] - 0.2 and s["eval_perplexity"] > 1
     assert [r["step"] for r in read_jsonl(tmp_path / "run/metrics.jsonl") if "loss" in r] == list(range(1, 9))
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import struct
 
 import pytest
 import yaml
-from conftest import dialogue, launch, read_jsonl, write_jsonl
+from conftest import ROOT, dialogue, launch, read_jsonl, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_trials_sample_the_search_space(optuna_sweep):
 
 
 def test_best_trial_is_reported_at_the_sweep_root(optuna_sweep):
-    sweep_dir, jobs, res = optuna_sweep
+    sweep_dir, jobs, _ = optuna_sweep
     result = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     evals = [json.loads((j / "summary.json").read_text())["eval_loss"] for j in jobs]
     best = jobs[evals.index(min(evals))]
@@ -49,7 +50,18 @@ def test_best_trial_is_reported_at_the_sweep_root(optuna_sweep):
     md = (sweep_dir / "sweep_summary.md").read_text()
     assert f"Optuna best trial (optimization_results.yaml): method.learning_rate={result['best_params']['method.learning_rate']:.5g}" in md
     assert "| job | lora.r | method.learning_rate |" in md or "| job | method.learning_rate | lora.r |" in md
-    assert "Best parameters" in res.stdout + res.stderr
+    # medgpt's own summary names the best job, with its sampled values (from the search space) and its metric
+    n = best.name.split("-")[0]
+    line = next(x for x in md.splitlines() if x.startswith("Best job: "))
+    assert line.startswith(f"Best job: {n} (") and line.endswith(f"eval_loss = {min(evals):.5g}")
+    assert f"lora.r={best_cfg['lora']['r']}" in line
+    assert float(re.search(r"method\.learning_rate=([0-9.e+-]+)", line).group(1)) == pytest.approx(best_cfg["method"]["learning_rate"], rel=1e-4)
+    space = yaml.safe_load((ROOT / "conf/sweep/lr_rank.yaml").read_text())["hydra"]["sweeper"]["params"]
+    assert space == {"method.learning_rate": "tag(log, interval(1e-5, 1e-3))", "lora.r": "choice(4, 8, 16, 32)"}  # what the jobs are checked against
+    for row, job in zip(rows, jobs):  # the csv's values are the jobs' own config.yaml values
+        cfg = yaml.safe_load((job / "config.yaml").read_text())
+        assert float(row["method.learning_rate"]) == pytest.approx(cfg["method"]["learning_rate"], rel=1e-4)
+        assert int(row["lora.r"]) == cfg["lora"]["r"] and 1e-5 <= cfg["method"]["learning_rate"] <= 1e-3 and cfg["lora"]["r"] in (4, 8, 16, 32)
 
 
 def wandb_records(run_file):
