@@ -10,6 +10,12 @@
 `on_multirun_end` once at the end, after the Optuna sweeper has written optimization_results.yaml,
 whose best trial the summary then names. The best job is the one with the best `sweep.metric`
 in `sweep.direction` among the completed jobs.
+
+Ctrl-C stops a sweep: the job being trained saves a checkpoint and is marked interrupted, and medgpt.run
+raises KeyboardInterrupt to end the sweep. That passes through Hydra without `on_job_end` or
+`on_multirun_end`, up to the interpreter, which would print a traceback; so for the length of the sweep
+this callback also handles an uncaught KeyboardInterrupt (`sys.excepthook`): it writes the summary of the
+jobs so far and prints one line instead. The process still ends as interrupted by SIGINT (exit status 130).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,15 +37,39 @@ log = logging.getLogger(__name__)
 
 
 class SweepSummaryCallback(Callback):
+    def __init__(self) -> None:
+        self._config = None  # the sweep's config while a sweep runs
+        self._previous_hook = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._config, self._previous_hook = config, sys.excepthook
+        sys.excepthook = self._excepthook
+
     def on_job_end(self, config, job_return, **kwargs) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
             self._write(config)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        self._restore_hook()
         path = self._write(config)
         if path:
             log.info("sweep summary: %s", path)
             print((path.parent / "sweep_summary.md").read_text())
+
+    def _excepthook(self, kind, value, traceback) -> None:
+        """Ctrl-C ended the sweep: the summary of the jobs so far and one line, not a traceback."""
+        config, previous = self._config, self._previous_hook or sys.__excepthook__
+        self._restore_hook()
+        if config is None or not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, traceback)
+        path = self._write(config)
+        where = f"summary: {path.parent / 'sweep_summary.md'}" if path else f"no job had started; sweep directory: {config.hydra.sweep.dir}"
+        print(f"sweep stopped by Ctrl-C; {where}", file=sys.stderr, flush=True)
+
+    def _restore_hook(self) -> None:
+        if sys.excepthook == self._excepthook:
+            sys.excepthook = self._previous_hook or sys.__excepthook__
+        self._config = self._previous_hook = None
 
     @staticmethod
     def _write(config) -> Path | None:
@@ -92,6 +123,10 @@ def write_sweep_summary(sweep_dir: Path, metric: str = "eval_loss", direction: s
     failed = [job_number(j.path.name)[0] for j in jobs if j.summary.get("status") == "failed"]
     if failed:
         lines.append(f"Failed jobs: {', '.join(map(str, failed))} (their summary.json has the error)\n")
+    interrupted = [job_number(j.path.name)[0] for j in jobs if j.summary.get("status") == "interrupted"]
+    if interrupted:
+        lines.append(f"Interrupted jobs: {', '.join(map(str, interrupted))} (Ctrl-C; continue one with "
+                     "`python launch.py run=<its directory> resume=true`)\n")
     optuna = Path(sweep_dir) / "optimization_results.yaml"
     if optuna.exists():
         result = yaml.safe_load(optuna.read_text()) or {}
