@@ -120,7 +120,34 @@ def _execute(cfg: DictConfig, run_dir: RunDir, multirun: bool, earlier_s: float,
         raise
     summary = _end(run_dir, "completed", {**wall(), **summary})
     log.info("done: %s", run_dir)
+    print(end_table(summary, run_dir.path), flush=True)
     return _sweep_metric(cfg, summary)
+
+
+def end_table(summary: dict, run_dir: Path) -> str:
+    """The end of a completed run in a few lines, from its summary.json: steps, train loss first -> last, eval loss
+    before -> after, tokens/s, wall time and where the trained weights are (a pipeline: one line per stage)."""
+    def num(value, spec: str = ".4f") -> str:
+        return format(value, spec) if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+    artefact = summary.get("merged") or (str(run_dir / summary["artefact"]) if summary.get("artefact") else summary.get("final_run"))
+    rows = [("steps", num(summary.get("steps"), "d") if isinstance(summary.get("steps"), int) else "-"),
+            ("train loss", f"{num(summary.get('train_loss_first'))} -> {num(summary.get('train_loss'))}"),
+            ("eval loss", f"{num(summary.get('eval_loss_before'))} -> {num(summary.get('eval_loss'))}"),
+            ("tokens/s", num(summary.get("tokens_per_s"), ".1f")),
+            ("wall time", _duration(summary.get("wall_time_s"))),
+            ("artefact", artefact or "-")]
+    if summary.get("stages"):  # method=pipeline: the stages' own figures instead of the first three
+        rows = [(f"stage {r.get('stage')}", f"{r.get('steps', '-')} steps, eval loss {num(r.get('eval_loss_before'))} -> "
+                 f"{num(r.get('eval_loss'))}") for r in summary["stages"]] + rows[4:]
+    return "\n".join(f"  {name:<11} {value}" for name, value in rows)
+
+
+def _duration(seconds) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{seconds:.1f} s" if seconds < 60 else f"{minutes} min {rest:02d} s"
 
 
 def _train_here(cfg: DictConfig, run_dir: RunDir) -> dict:

@@ -3,17 +3,63 @@
 Keys: step, epoch, loss, lr, grad_norm, tokens_per_s, samples_per_s, mem_gb, and eval_* rows
 (eval_loss, eval_perplexity). Stages may add their own (e.g. rewards/margins for DPO). Every row also
 goes to the run's tracker (W&B / TensorBoard, medgpt.tracking.loggers), so both see the same keys.
+
+The console shows the progress bar only: `quiet_progress` keeps the Trainer's bar but drops the log dicts it
+printed beside it (numbers as quoted strings; metrics.jsonl has them), and importing this module filters two
+messages libraries print on every CPU run (see `quiet_library_noise`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+
+def quiet_library_noise() -> None:
+    """Two messages of no use to a medgpt user, silenced at their source (this module is imported by every training run):
+    - peft (0.18) reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning;
+    - accelerate imports DeepSpeed whenever it is installed (to unwrap a possible DeepSpeedEngine), and DeepSpeed's
+      import logs "Setting accelerator to CPU ..." on a machine without a GPU (on CPU runs DeepSpeed is never used:
+      deepspeed=... is refused without CUDA). A filter on its "DeepSpeed" logger drops that one record; the
+      filter stays when DeepSpeed later sets up the logger, and its other messages pass.
+    """
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(getattr(f, "medgpt", False) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_NotCpuFallback())
+
+
+class _NotCpuFallback(logging.Filter):
+    medgpt = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Setting accelerator to CPU")
+
+
+quiet_library_noise()
+
+
+class QuietProgressCallback(ProgressCallback):
+    """The Trainer's progress bars without the log dicts it writes beside them."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def quiet_progress(trainer) -> None:
+    """Swap the Trainer's ProgressCallback (or PrinterCallback, with disable_tqdm) for QuietProgressCallback."""
+    had_bar = trainer.pop_callback(ProgressCallback) is not None
+    trainer.pop_callback(PrinterCallback)
+    if had_bar:
+        trainer.add_callback(QuietProgressCallback)
 
 RENAME = {"learning_rate": "lr"}
 DROP = {"total_flos", "num_input_tokens_seen", "train_runtime", "train_tokens_per_second", "eval_model_preparation_time"}
