@@ -188,6 +188,7 @@ class LoggerConfig:
     entity: Optional[str] = None  # W&B team or user (null = your default entity)
     group: Optional[str] = None  # W&B group: the sweep a job belongs to (conf/logger/wandb.yaml)
     tags: list[str] = field(default_factory=list)  # W&B tags: the group choices (conf/logger/wandb.yaml)
+    log_samples: bool = False  # also send the before/after sample answers and the data statistics (they may hold patient text)
 
 
 @dataclass

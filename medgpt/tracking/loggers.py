@@ -9,6 +9,12 @@ the resolved config is uploaded; files go to `<run>/wandb/`. Without an API key 
 is logged offline, with a line saying how to `wandb sync` it later (WANDB_MODE, when set, decides).
 TensorBoard: event files in `<run>/tensorboard/`. A tracker that fails is switched off with a warning:
 it never stops training.
+
+What leaves the machine (W&B online) is only what training needs to be compared: the config, the metrics
+rows, and the numbers of the final summary. The sample answers before and after training (held-out
+questions, reference answers, model answers: they can hold patient text) and the data statistics go to
+the tracker only with `logger.log_samples=true` (samples as a table: W&B's `samples`, TensorBoard's text).
+summary.json keeps them in every case.
 """
 
 from __future__ import annotations
@@ -27,34 +33,47 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
+PRIVATE = ("samples", "data")  # summary.json fields a tracker gets only with logger.log_samples=true
+SAMPLE_COLUMNS = ("question", "reference", "before", "after")
+
+
 class Tracker:
     """No tracker (logger=none); the base of the others. Failures are logged once and switch the tracker off."""
 
     name = "none"
 
-    def __init__(self):
+    def __init__(self, log_samples: bool = False):
         self.failed = False
+        self.log_samples = log_samples  # logger.log_samples: sample answers and data statistics too
 
     def log(self, row: dict) -> None:
         self._safely("log", self._log, row)
 
     def finish(self, summary: dict, status: str) -> None:
+        samples = summary.get("samples") if self.log_samples else None
+        if not self.log_samples:
+            summary = {k: v for k, v in summary.items() if k not in PRIVATE}
+        if samples:  # a failure here still lets the summary through
+            self._safely("samples", self._samples, [[str(s.get(c, "")) for c in SAMPLE_COLUMNS] for s in samples], switch_off=False)
         self._safely("finish", self._finish, summary, status)
 
-    def _safely(self, what: str, fn, *args) -> None:
+    def _safely(self, what: str, fn, *args, switch_off: bool = True) -> None:
         if self.failed:
             return
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - a tracker must never stop training
-            self.failed = True
-            log.warning("%s %s failed (%s: %s); it is off for the rest of this run, metrics.jsonl is complete", self.name, what,
-                        type(e).__name__, e)
+            self.failed = switch_off
+            log.warning("%s %s failed (%s: %s)%s, metrics.jsonl is complete", self.name, what, type(e).__name__, e,
+                        "; it is off for the rest of this run" if switch_off else "")
 
     def _log(self, row: dict) -> None:
         pass
 
     def _finish(self, summary: dict, status: str) -> None:
+        pass
+
+    def _samples(self, rows: list[list[str]]) -> None:
         pass
 
 
@@ -73,7 +92,7 @@ class WandbTracker(Tracker):
     name = "W&B"
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
-        super().__init__()
+        super().__init__(bool(cfg.logger.get("log_samples", False)))
         import wandb
 
         mode, reason = wandb_mode()
@@ -100,6 +119,11 @@ class WandbTracker(Tracker):
         self._step = row.get("step")
         self.run.log({k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}, commit=False)
 
+    def _samples(self, rows: list[list[str]]) -> None:
+        import wandb
+
+        self.run.summary["samples"] = wandb.Table(columns=list(SAMPLE_COLUMNS), data=rows)
+
     def _finish(self, summary: dict, status: str) -> None:
         self.run.summary.update({**scalars(summary), "status": status})
         self.run.finish(exit_code=0 if status == "completed" else 1)
@@ -109,7 +133,7 @@ class TensorBoardTracker(Tracker):
     name = "TensorBoard"
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
-        super().__init__()
+        super().__init__(bool(cfg.logger.get("log_samples", False)))
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -122,6 +146,11 @@ class TensorBoardTracker(Tracker):
             if key != "step" and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
+
+    def _samples(self, rows: list[list[str]]) -> None:
+        cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731 - a markdown table cell
+        table = [f"| {' | '.join(SAMPLE_COLUMNS)} |", "|" + " --- |" * len(SAMPLE_COLUMNS)]
+        self.writer.add_text("samples", "\n".join(table + [f"| {' | '.join(cell(c) for c in row)} |" for row in rows]))
 
     def _finish(self, summary: dict, status: str) -> None:
         for key, value in scalars(summary).items():
