@@ -29,8 +29,10 @@ def test_every_method_is_declared_once_with_its_yaml_and_schema():
         assert cfg.data.name  # every method brings its default data
 
 
-def test_each_format_has_exactly_one_method():
+def test_each_format_has_a_method():
     owners = {fmt: [n for n, s in methods().items() if fmt in s.formats] for fmt in FORMATS}
+    assert all(v for v in owners.values()), owners
+    assert {"dpo", "rm"} <= set(owners.pop("preference"))  # reward models (and KTO) train on DPO's pairs too; hints name dpo
     assert all(len(v) == 1 for v in owners.values()), owners
     assert method_for_format("preference") == "dpo" and method_for_format("text") == "pt"
 

@@ -43,8 +43,11 @@ def target_modules(lora: DictConfig, model_cfg: DictConfig) -> list[str] | str:
     return list(chosen) if chosen else "all-linear"
 
 
-def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_checkpointing: bool = False):
-    """Wrap `model` for training as `lora` says; returns the model to hand to the trainer."""
+def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` for training as `lora` says; returns the model to hand to the trainer.
+
+    task_type="SEQ_CLS" (a reward model, medgpt.stages.methods.rm): the `score` head is trained fully (modules_to_save)
+    and kept out of the LoRA targets."""
     if lora.name == "none":
         model.requires_grad_(True)
         _upcast_fp16_trainables(model)
@@ -58,10 +61,13 @@ def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_check
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    to_save = list(lora.modules_to_save or [])
+    if task_type == "SEQ_CLS" and "score" not in to_save:
+        to_save.append("score")  # the reward head starts random: train all of it
     config = LoraConfig(
-        task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=target_modules(lora, model_cfg), use_dora=lora.use_dora or lora.name == "dora",
-        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+        modules_to_save=to_save or None,
     )
     model = get_peft_model(model, config, autocast_adapter_dtype=True)  # LoRA weights in fp32 over an fp16/bf16 base
     disable_4bit_cpu_packing(model)

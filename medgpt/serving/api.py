@@ -3,6 +3,7 @@
     GET  /v1/models                 the served model
     POST /v1/chat/completions       messages -> answer (stream=true: Server-Sent Events)
     POST /v1/completions            raw prompt(s) -> continuation
+    POST /v1/rewards                texts -> scores, on a reward-model run only (medgpt.serving.rewards)
     GET  /health                    {"status": "ok", ...} (no key needed)
     GET  /metrics                   Prometheus text (no key needed)
 
@@ -147,6 +148,11 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
         card = {"id": model_id, "object": "model", "created": created, "owned_by": "medgpt", "root": a.model_path,
                 "adapter": a.adapter_path, "template": a.template.name, "max_model_len": loaded.context_length}
         return {"object": "list", "data": [card]}
+
+    if getattr(loaded.artefacts, "reward_model", False):  # a method=rm run: POST /v1/rewards; generation routes answer 400
+        from medgpt.serving.rewards import mount_rewards
+
+        mount_rewards(app, loaded, require_key, metrics)  # before the routes below: the first match answers
 
     def params_for(body, prompt_len: int, prompt_param: str):
         if body.model not in (None, "", model_id):

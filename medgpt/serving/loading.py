@@ -39,6 +39,7 @@ class Artefacts:
     template_source: str
     trust_remote_code: bool = False
     stop_ids: list[int] | None = None  # saved by training (summary.json); None: derive them from the template
+    reward_model: bool = False  # a method=rm run (summary.json stage "rm"): it scores texts (POST /v1/rewards), never generates
 
 
 @dataclass
@@ -122,7 +123,7 @@ def resolve_artefacts(cfg: DictConfig) -> Artefacts:
     else:
         template, source = saved, f"{folder.name}/medgpt_template.yaml"
     return Artefacts(cfg.serve.model_name or run_dir.name, run_dir, weights, model_path, adapter_path, tokenizer_path, template,
-                     source, trust, None if override else summary.stop_token_ids)
+                     source, trust, None if override else summary.stop_token_ids, reward_model=summary.get("stage") == "rm")
 
 
 def load(cfg: DictConfig, max_batch_size: int | None = None) -> Loaded:
@@ -140,6 +141,11 @@ def load(cfg: DictConfig, max_batch_size: int | None = None) -> Loaded:
     stop_ids = artefacts.stop_ids or stop_token_ids(tokenizer, artefacts.template)
     stop_string = artefacts.template.stop_string(tokenizer.bos_token, tokenizer.eos_token)
     batch = max_batch_size or cfg.serve.max_batch_size
+    if artefacts.reward_model:  # sequence classification + its adapter, behind a scorer (medgpt.serving.rewards)
+        from medgpt.serving.rewards import load_reward_engine
+
+        engine, context = load_reward_engine(cfg, artefacts, tokenizer, batch)
+        return Loaded(artefacts, engine, tokenizer, artefacts.template, stop_ids, context)
     if cfg.serve.engine == "vllm":
         from medgpt.serving.vllm_engine import VLLMEngine
 
