@@ -502,6 +502,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("launcher.backend=nccl needs CUDA GPUs but hardware.device=cpu: use launcher.backend=gloo (or auto).")
     if fsdp.name == "none" and (key := _non_default(fsdp, FSDPConfig)):
         raise ConfigError(f"fsdp.{key} has no effect with fsdp=none: add fsdp=full_shard (or shard_grad_op).")
+    if fsdp.cpu_offload and hw.device == "cpu":
+        raise ConfigError("fsdp.cpu_offload=true needs GPUs (the parameters are already on the CPU): drop it with hardware=cpu.")
     if fsdp.name != "none" and ds.zero_stage > 0:
         raise ConfigError(f"fsdp={fsdp.name} and deepspeed={ds.name} both shard the model: pick one (fsdp=none or deepspeed=none).")
     if fsdp.name != "none" and lora.quantization:

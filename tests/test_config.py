@@ -62,6 +62,7 @@ def test_knobs_of_other_methods_are_refused():
     (["hardware.dtype=fp8"], "hardware.dtype"),
     (["method=dpo", "method.loss=kto"], "method.loss"),
     (["mode=dance"], "mode"),
+    (["fsdp=full_shard", "fsdp.cpu_offload=true", "hardware=cpu"], "fsdp.cpu_offload=true needs GPUs"),
 ])
 def test_cross_field_rules(overrides, message):
     with pytest.raises(ConfigError, match=message):
