@@ -20,7 +20,7 @@ from datasets import Dataset, DatasetDict, disable_progress_bars, load_from_disk
 
 log = logging.getLogger(__name__)
 disable_progress_bars()  # saving a few hundred rows needs no bar
-CACHE_VERSION = 2  # bump when tokenisation code changes what it produces
+CACHE_VERSION = 3  # bump when tokenisation code changes what it produces
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
