@@ -80,6 +80,12 @@ def choice(default: Any, *options: Any) -> Any:
     return _limited_field(default, Limits(options=options))
 
 
+def unchecked(default: Any, reason: str) -> Any:
+    """A str field with no closed set of values (a path, a run directory, free text), with the reason: declared where
+    the field is, so a method module needs no list kept elsewhere (tests/test_config_values.py accepts these)."""
+    return dataclasses.field(default=default, metadata={"unchecked": reason})
+
+
 def limits_of(f: dataclasses.Field) -> Optional[Limits]:
     """The limits a schema field declares (None for free-form fields: names, paths, texts)."""
     return f.metadata.get("limits")

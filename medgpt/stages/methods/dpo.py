@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medgpt.config import MethodConfig, bounded, choice
+from medgpt.config import MethodConfig, bounded, choice, unchecked
 from medgpt.stages.protocol import Stage, TrainingParts, register_stage
 
 
@@ -29,7 +29,7 @@ class DPOMethodConfig(MethodConfig):
     beta: float = bounded(0.1, gt=0)
     loss: str = choice("sigmoid", "sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")
     label_smoothing: float = bounded(0.0, ge=0, lt=0.5)
-    reference: str = "auto"  # auto | base | <run dir>
+    reference: str = unchecked("auto", "auto | base | a run directory")  # the reference policy (see the docstring)
     sft_weight: float = bounded(0.0, ge=0)
     precompute_reference: bool = False  # reference log-probs computed once before training (no reference forward per step)
     max_prompt_length: int = bounded(256, ge=1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medgpt.config import MethodConfig, bounded, choice
+from medgpt.config import MethodConfig, bounded, choice, unchecked
 from medgpt.errors import ConfigError
 from medgpt.stages.protocol import Stage, TrainingParts, register_stage
 
@@ -33,7 +33,7 @@ class KTOMethodConfig(MethodConfig):
     beta: float = bounded(0.1, gt=0)
     desirable_weight: float = bounded(1.0, gt=0)
     undesirable_weight: float = bounded(1.0, gt=0)
-    reference: str = "auto"  # auto | base | <run dir>
+    reference: str = unchecked("auto", "auto | base | a run directory")  # the reference policy (see the docstring)
     max_prompt_length: int = bounded(256, ge=1)
 
 
