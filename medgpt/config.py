@@ -108,7 +108,7 @@ class DataConfig:
     train_files: list[str] = MISSING  # paths or globs, relative to the project root
     eval_files: list[str] = field(default_factory=list)
     eval_split: float = bounded(0.0, ge=0, lt=1)  # fraction of train held out for eval when eval_files is empty
-    format: str = choice("auto", "auto", "sharegpt", "messages", "alpaca", "text", "preference", "unpaired")
+    format: str = choice("auto", "auto", "sharegpt", "messages", "alpaca", "text", "preference", "unpaired", "mcq")
     columns: dict[str, str] = field(default_factory=dict)  # rename fields: {our_name: their_name}
     max_samples: Optional[int] = bounded(None, ge=1)  # keep the first N training records (eval: N // 4, at least 8)
     on_error: str = choice("fail", "fail", "skip")  # what a malformed record does: fail, or skip it (and count it)

@@ -10,6 +10,8 @@ Formats (`data.format`, or `auto` from the first record's fields):
               {"system", "history", "question", "response_chosen", "response_rejected"}
   unpaired    {"conversations" | "messages": prompt turns, "completion": the answer, "label": true|false}, or
               the answer as the final assistant turn and no "completion" (method=kto; label = desirable or not)
+  mcq         {"question", "options": {"A": ...} | [...], "answer_idx" | "answer"}, or MedMCQA's {"question",
+              "opa".."opd", "cop"}: multiple-choice questions (method=grpo; read by medgpt.evaluation.mcq_data)
 `data.columns` renames fields ({our_name: their_name}). Every error names the file, the line and the
 field; with `data.on_error=skip` malformed records are dropped and counted instead.
 """
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                 "model": "assistant", "system": "system"}
-FORMATS = ("sharegpt", "messages", "alpaca", "text", "preference", "unpaired")
+FORMATS = ("sharegpt", "messages", "alpaca", "text", "preference", "unpaired", "mcq")
 
 
 @dataclass
@@ -112,6 +114,8 @@ def detect_format(record: Any, where: str) -> str:
     keys = set(record)
     if "chosen" in keys or "response_chosen" in keys:
         return "preference"
+    if "question" in keys and keys & {"options", "opa"}:
+        return "mcq"
     if "completion" in keys or ("label" in keys and keys & {"conversations", "messages"}):
         return "unpaired"
     for key, fmt in (("conversations", "sharegpt"), ("messages", "messages"), ("instruction", "alpaca"), ("text", "text")):

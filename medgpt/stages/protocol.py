@@ -36,6 +36,8 @@ class TrainingParts:
     trainer_cls: Any = None  # None: transformers.Trainer
     trainer_kwargs: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)  # anything the stage's summary hook wants back (e.g. DPO's reference)
+    args_cls: Any = None  # None: transformers.TrainingArguments; or a subclass the Trainer class needs (e.g. trl.GRPOConfig)
+    args_kwargs: dict = field(default_factory=dict)  # the stage's own fields of args_cls (they may also replace medgpt's defaults)
 
 
 @dataclass(frozen=True)

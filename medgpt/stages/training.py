@@ -177,7 +177,10 @@ def evaluate_before_training(trainer: Trainer, evaluate) -> dict:
     return metrics
 
 
-def training_arguments(cfg: DictConfig, checkpoints: Path, placement: Placement, has_eval: bool) -> TrainingArguments:
+def training_arguments(cfg: DictConfig, checkpoints: Path, placement: Placement, has_eval: bool, args_cls: type | None = None,
+                       stage_args: dict | None = None) -> TrainingArguments:
+    """The Trainer's arguments: medgpt's settings, then the stage's own (`TrainingParts.args_cls` / `args_kwargs`, e.g.
+    trl.GRPOConfig and its fields; they may replace a medgpt setting), then `trainer.<field>` passthrough."""
     m, hw = cfg.method, cfg.hardware
     managed = dict(
         output_dir=str(checkpoints),
@@ -212,17 +215,19 @@ def training_arguments(cfg: DictConfig, checkpoints: Path, placement: Placement,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
     )
-    return TrainingArguments(**managed, **passthrough(cfg, managed))
+    managed.update(stage_args or {})
+    args_cls = args_cls or TrainingArguments
+    return args_cls(**managed, **passthrough(cfg, managed, args_cls))
 
 
-def passthrough(cfg: DictConfig, managed: dict) -> dict:
+def passthrough(cfg: DictConfig, managed: dict, args_cls: type = TrainingArguments) -> dict:
     """`trainer.<field>=...`: any other TrainingArguments field (optimiser, scheduler extras, ...), checked by name;
     fields medgpt sets from its own groups are refused with the key that sets them."""
     extra = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else {}
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    known = {f.name for f in dataclasses.fields(args_cls)}
     for key in extra:
         if key not in known:
-            raise ConfigError(f"trainer.{key} is not a TrainingArguments field (transformers {transformers.__version__}); "
+            raise ConfigError(f"trainer.{key} is not a {args_cls.__name__} field (transformers {transformers.__version__}); "
                               "see https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments.")
         if key in managed:
             raise ConfigError(f"trainer.{key} is set by medgpt's own config ({MANAGED_BY.get(key, 'method / hardware')}); set it there.")
@@ -237,7 +242,7 @@ MANAGED_BY = {"learning_rate": "method.learning_rate", "per_device_train_batch_s
 
 def make_trainer(cfg: DictConfig, run: RunDir, setup: Setup, model, parts: TrainingParts, perplexity: bool = True) -> Trainer:
     train_ds, eval_ds = parts.train, parts.eval
-    args = training_arguments(cfg, run.checkpoints, setup.placement, eval_ds is not None)
+    args = training_arguments(cfg, run.checkpoints, setup.placement, eval_ds is not None, parts.args_cls, parts.args_kwargs)
     writer = MetricsWriter(run.metrics) if run.is_main else None  # rank 0 alone writes metrics.jsonl and the tracker
     sequences_per_step = cfg.hardware.batch_size * cfg.hardware.grad_accum
     metrics = MetricsCallback(writer, sequences_per_step, perplexity=perplexity, tracker=loggers.active() if run.is_main else None,
