@@ -112,3 +112,13 @@ def test_busy_port_is_one_sentence():
             _check_port("127.0.0.1", port, "serve.port")
     with pytest.raises(ConfigError, match="not a TCP port"):
         _check_port("127.0.0.1", 70000, "serve.webui_port")
+
+
+def test_trust_remote_code_comes_from_the_command_never_the_run(run_copy):
+    """A run directory from someone else cannot switch remote code on; the command line decides (default off)."""
+    saved = (run_copy / "config.yaml").read_text()
+    (run_copy / "config.yaml").write_text(saved.replace("trust_remote_code: false", "trust_remote_code: true"))
+    assert "trust_remote_code: true" in (run_copy / "config.yaml").read_text()
+    assert resolve_artefacts(cfg_for(run_copy)).trust_remote_code is False
+    assert resolve_artefacts(cfg_for(run_copy, "model.trust_remote_code=true")).trust_remote_code is True
+    assert resolve_artefacts(cfg_for(run_copy, "model.trust_remote_code=false")).trust_remote_code is False
