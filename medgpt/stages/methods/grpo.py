@@ -56,8 +56,6 @@ class GRPOMethodConfig(MethodConfig):
     eval_questions: int = bounded(32, ge=0)  # held-out questions answered (greedily) before and after training
 
 
-REWARDS = ("accuracy", "format")
-
 
 def build_data(ctx):
     from medgpt.stages.grpo_trainer import build_mcq_data
