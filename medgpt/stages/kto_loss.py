@@ -85,11 +85,7 @@ class KTOTrainer(PreferenceTrainer):
         ref = reference_logps(self.reference, model, inputs)
         logps = forward_logps(model, inputs)
         loss, metrics = kto_loss(logps, ref, inputs["desirable"], kl, m.beta, m.desirable_weight, m.undesirable_weight, m.loss)
-        split = self._stored["train" if model.training else "eval"]
-        for key, values in metrics.items():
-            split[key].extend(values.float().cpu().tolist())
-        if kl is not None:
-            split["kl"].append(kl.item())
+        self.store({**metrics, **({"kl": kl.reshape(1)} if kl is not None else {})}, model.training)
         return (loss, metrics) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:

@@ -162,35 +162,21 @@ def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch} | {"use_cache": False}
 
 
-class PreferenceTrainer(SeededSampling, Trainer):
-    """A Trainer whose loss is a preference loss over stacked [chosen; rejected] rows; logs reward metrics.
-
-    Length-grouped batches are seeded per epoch (medgpt.stages.sampling), so a resumed run sees the same pairs."""
+class PairMetricsTrainer(SeededSampling, Trainer):
+    """A Trainer for losses over stacked [chosen; rejected] rows (DPO, KTO, the reward model): loss-only evaluation,
+    per-example metrics kept with `store` and averaged into each log row. Length-grouped batches are seeded per
+    epoch (medgpt.stages.sampling), so a resumed run sees the same pairs."""
 
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let the Trainer divide by gradient accumulation
 
-    def __init__(self, *args, method, reference: Reference, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.method, self.reference = method, reference
         self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
-    def loss_inputs(self, model, batch: dict) -> LossInputs:
-        logps, tokens = sequence_logps(model(**_model_inputs(batch)).logits, batch["labels"])
-        half = logps.shape[0] // 2
-        x = LossInputs(logps[:half], logps[half:], tokens[:half].clamp(min=1), tokens[half:].clamp(min=1))
-        if "ref_chosen_logps" in batch:
-            x.ref_chosen, x.ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        elif self.reference.kind != "none":
-            x.ref_chosen, x.ref_rejected = self.reference.logps(model, batch)
-        return x
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        m = self.method
-        loss, metrics = preference_loss(self.loss_inputs(model, inputs), m.loss, m.beta, m.label_smoothing, m.sft_weight, m.simpo_gamma)
-        split = self._stored["train" if model.training else "eval"]
+    def store(self, metrics: dict, training: bool) -> None:
+        split = self._stored["train" if training else "eval"]
         for key, values in metrics.items():
             split[key].extend(values.float().cpu().tolist())
-        return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -206,6 +192,30 @@ class PreferenceTrainer(SeededSampling, Trainer):
                 logs[prefix + key] = sum(values) / len(values)
         self._stored[split].clear()
         super().log(logs, start_time)
+
+
+class PreferenceTrainer(PairMetricsTrainer):
+    """A Trainer whose loss is a preference loss over stacked [chosen; rejected] rows; logs reward metrics."""
+
+    def __init__(self, *args, method, reference: Reference, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method, self.reference = method, reference
+
+    def loss_inputs(self, model, batch: dict) -> LossInputs:
+        logps, tokens = sequence_logps(model(**_model_inputs(batch)).logits, batch["labels"])
+        half = logps.shape[0] // 2
+        x = LossInputs(logps[:half], logps[half:], tokens[:half].clamp(min=1), tokens[half:].clamp(min=1))
+        if "ref_chosen_logps" in batch:
+            x.ref_chosen, x.ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif self.reference.kind != "none":
+            x.ref_chosen, x.ref_rejected = self.reference.logps(model, batch)
+        return x
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        m = self.method
+        loss, metrics = preference_loss(self.loss_inputs(model, inputs), m.loss, m.beta, m.label_smoothing, m.sft_weight, m.simpo_gamma)
+        self.store(metrics, model.training)
+        return (loss, metrics) if return_outputs else loss
 
 
 # --- the reference model and held-out preference metrics (medgpt.stages.methods.dpo) ---

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
 
 from medgpt.data.collate import PreferenceCollator
 from medgpt.errors import ModelError
-from medgpt.stages.sampling import SeededSampling
+from medgpt.stages.preference import PairMetricsTrainer
 
 log = logging.getLogger(__name__)
 
@@ -106,39 +104,19 @@ class RewardCollator:
                 "margin": torch.tensor(margin, dtype=torch.float32)}
 
 
-class RewardTrainer(SeededSampling, Trainer):
+class RewardTrainer(PairMetricsTrainer):
     """A Trainer whose loss is the pairwise reward loss over [chosen; rejected] rows in one forward; logs reward metrics."""
-
-    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by gradient accumulation
 
     def __init__(self, *args, center_rewards_coefficient: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.center_rewards_coefficient = center_rewards_coefficient
-        self._stored: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rewards = rewards_of(model, inputs["input_ids"], inputs["attention_mask"])
         half = rewards.shape[0] // 2
         loss, metrics = reward_loss(rewards[:half], rewards[half:], inputs["margin"].to(rewards.device), self.center_rewards_coefficient)
-        split = self._stored["train" if model.training else "eval"]
-        for key, values in metrics.items():
-            split[key].extend(values.float().cpu().tolist())
+        self.store(metrics, model.training)
         return (loss, metrics) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
-        for key, values in self._stored[split].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
-        self._stored[split].clear()
-        super().log(logs, start_time)
 
 
 def reward_eval(trainer) -> dict:
