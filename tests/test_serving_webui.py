@@ -7,9 +7,10 @@ import shutil
 import tempfile
 
 import pytest
-from test_serving_support import free_port, load_tiny, start, stop
+from test_serving_support import free_port, load_tiny
 
 from medgpt.serving.engine import sampling_params
+from medgpt.serving.webui import MEDICAL_SYSTEM_PROMPT
 
 # sampling (temperature 1, fixed seed) so that the untrained tiny model writes visible words, reproducibly
 GEN = ["generation.temperature=1.0", "generation.top_p=0.9", "generation.seed=3", "generation.max_new_tokens=8"]
@@ -100,9 +101,6 @@ def test_browser_sends_a_message_and_sees_the_reply(ui, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    port = free_port()
-    proc = start("mode=webui", "model=tiny", f"serve.webui_port={port}", *GEN, f"hydra.run.dir={tmp_path}", url=f"http://127.0.0.1:{port}/",
-                 log=tmp_path / "webui.log")
     browser, driver_path = _chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
@@ -111,12 +109,13 @@ def test_browser_sends_a_message_and_sees_the_reply(ui, tmp_path):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     try:
-        driver.get(f"http://127.0.0.1:{port}/")
+        driver.get(ui["url"])
         wait = WebDriverWait(driver, 120)
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'textarea[placeholder="Ask a question..."]'))
         box.send_keys("What is a fever?")
         driver.find_element(By.CSS_SELECTOR, '[data-testid="submit-button"]').click()
-        expected = expected_reply(ui, [{"role": "user", "content": "What is a fever?"}])
+        # the system-prompt box starts with the medical prompt (no run here), so the model sees it too
+        expected = expected_reply(ui, [{"role": "system", "content": MEDICAL_SYSTEM_PROMPT}, {"role": "user", "content": "What is a fever?"}])
         words = re.findall(r"[A-Za-z]{3,}", expected)
         assert words, expected
 
@@ -129,4 +128,19 @@ def test_browser_sends_a_message_and_sees_the_reply(ui, tmp_path):
         assert "What is a fever?" in driver.find_element(By.CSS_SELECTOR, '[data-testid="user"]').text
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_launch_py_mode_webui_serves_the_page(tmp_path):
+    import httpx
+
+    from test_serving_support import start, stop
+
+    port = free_port()
+    proc = start("mode=webui", "model=tiny", f"serve.webui_port={port}", *GEN, f"hydra.run.dir={tmp_path}",
+                 url=f"http://127.0.0.1:{port}/", log=tmp_path / "webui.log")
+    try:
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+    finally:
         stop(proc)
