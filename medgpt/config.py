@@ -184,7 +184,9 @@ class TemplateConfig:
     assistant_end: str = ""
     stop: str = ""
     default_system: Optional[str] = None
-    system_position: str = choice("turn", "turn", "first_user")
+    system_position: str = choice("turn", "turn", "first_user", "last_user")
+    tool_style: str = choice("plain", "plain", "hermes", "llama3", "mistral", "glm4", "none")  # medgpt/data/tool_render.py
+    tool: str = ""  # a tool result's turn with {content}; empty = the user format
 
 
 @dataclass

@@ -36,7 +36,7 @@ EXEMPT = {
     "free text: template formats with {content}, system prompts": (
         "DataConfig.system_prompt", "TemplateConfig.prefix", "TemplateConfig.system", "TemplateConfig.user",
         "TemplateConfig.assistant_start", "TemplateConfig.assistant", "TemplateConfig.assistant_end", "TemplateConfig.stop",
-        "TemplateConfig.default_system"),
+        "TemplateConfig.default_system", "TemplateConfig.tool"),
     "an open set: a conf/template name (auto), a summary.json key, a metric column or config key": (
         "ModelConfig.template", "SweepConfig.metric", "CompareConfig.sort_by"),
 }

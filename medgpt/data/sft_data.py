@@ -1,4 +1,6 @@
-"""Dialogue data for SFT: files -> records -> train/eval split -> tokenised (cached) -> optionally packed."""
+"""Dialogue data for SFT: files -> records -> train/eval split -> tokenised (cached) -> optionally packed.
+
+A record's `tools` (function schemas) go into its prompt; its assistant tool calls are trained like answers."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def _encode_all(records: list[Record], template: Template, tokenizer, max_length
     truncated = empty = 0
     for rec in records:
         try:
-            enc = encode_dialogue(rec.messages, template, tokenizer, max_length, train_on_inputs)
+            enc = encode_dialogue(rec.messages, template, tokenizer, max_length, train_on_inputs, getattr(rec, "tools", None))
         except DataError as e:
             raise DataError(f"{rec.source}: {e}") from None
         truncated += enc.truncated
@@ -40,14 +42,16 @@ def _encode_all(records: list[Record], template: Template, tokenizer, max_length
 def build_sft_data(cfg: DictConfig, tokenizer, template: Template) -> StageData:
     m = cfg.method
 
-    def encode(records: list[Record], split: str) -> tuple[Dataset, dict]:
-        ds, stats = _encode_all(records, template, tokenizer, m.max_length, m.train_on_inputs)
+    def encode(records: list[Record], split: str) -> tuple[Dataset, dict]:  # record by record (in shards)
+        return _encode_all(records, template, tokenizer, m.max_length, m.train_on_inputs)
+
+    def finish(ds: Dataset, split: str) -> tuple[Dataset, dict]:  # the whole split: packing crosses shards
         if split == "train" and m.packing:
             ds = Dataset.from_list(pack(ds, m.max_length))
-            stats["packed_rows"] = len(ds)
-        return ds, stats
+            return ds, {"packed_rows": len(ds)}
+        return ds, {}
 
-    data = tokenised_splits(cfg, "sft", tokenizer, template, encode)
+    data = tokenised_splits(cfg, "sft", tokenizer, template, encode, finish)
     train = data.stats["train"]
     log.info("data: %d train / %d eval examples (%s)%s", train["examples"], data.stats.get("eval", {}).get("examples", 0),
              data.stats["format"], " [tokenised-data cache hit]" if data.cache_hit else "")

@@ -10,6 +10,13 @@ segments tagged with their role in the mask, so the label mask is exact by const
 rendering of prefixes and diffing of strings. `to_jinja()` writes the same template as a Hugging
 Face chat template (with `{% generation %}` marks), saved with the tokenizer so that serving and
 vLLM format prompts exactly as training did; a test checks the two render identical text.
+
+`system_position`: `turn` (its own turn), `first_user` (inside the first user turn: Llama 2, Gemma) or
+`last_user` (inside the last one: Mistral). Tool calls (medgpt.data.tool_render, `tool_style`): the tool
+list joins the system prompt (mistral: before the last user turn), an assistant's calls are part of its
+trained answer, and a tool result is a prompt turn — the `tool` format when the family has a role for it
+(llama3 ipython, glm4 observation, mistral [TOOL_RESULTS]), else the `user` format (consecutive results
+share one turn). A tool result starts a new turn for truncation, like a user message.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from pathlib import Path
 
 import yaml
 
+from medgpt.data import tool_render
 from medgpt.errors import ConfigError, DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+SYSTEM_POSITIONS = ("turn", "first_user", "last_user")
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "conf" / "template"
 
 # Probe conversations used to recognise a tokenizer's own chat template (template=auto).
@@ -56,6 +65,8 @@ class Template:
     stop: str = ""
     default_system: str | None = None
     system_position: str = "turn"
+    tool_style: str = "plain"  # medgpt.data.tool_render.STYLES
+    tool: str = ""  # a tool result's turn, with {content}; empty: the `user` format
 
     @classmethod
     def from_mapping(cls, data: Mapping) -> Template:
@@ -64,8 +75,13 @@ class Template:
         for f in ("system", "user", "assistant"):
             if getattr(t, f).count("{content}") != 1:
                 raise ConfigError(f"template {t.name}: field '{f}' must contain {{content}} exactly once.")
+        if t.tool and t.tool.count("{content}") != 1:
+            raise ConfigError(f"template {t.name}: field 'tool' must contain {{content}} exactly once (or be empty).")
         if not t.stop:
             raise ConfigError(f"template {t.name}: 'stop' (the end-of-turn string) must not be empty.")
+        if t.system_position not in SYSTEM_POSITIONS or t.tool_style not in tool_render.STYLES:
+            raise ConfigError(f"template {t.name}: system_position must be one of {', '.join(SYSTEM_POSITIONS)} and tool_style "
+                              f"one of {', '.join(tool_render.STYLES)} (got {t.system_position!r}, {t.tool_style!r}).")
         return t
 
     def special(self, text: str, bos: str, eos: str) -> str:
@@ -74,41 +90,67 @@ class Template:
     def stop_string(self, bos: str, eos: str) -> str:
         return self.special(self.stop, bos, eos)
 
-    def segments(self, messages: list[dict], bos: str = "", eos: str = "", add_generation_prompt: bool = False) -> list[list[Segment]]:
+    def segments(self, messages: list[dict], bos: str = "", eos: str = "", add_generation_prompt: bool = False,
+                 tools: list[dict] | None = None) -> list[list[Segment]]:
         """Render `messages` as turns of segments; turn 0 is the head (prefix and system)."""
         fmt = lambda f, content: self.special(f, bos, eos).replace("{content}", content)  # noqa: E731
+        style = self.tool_style
         system, rest = _split_system(messages, self.default_system)
+        system = tool_render.with_tools(style, system, tools)
         head = [Segment(fmt(self.prefix, ""), "prompt")] if self.prefix else []
         if system is not None and self.system_position == "turn":
             head.append(Segment(fmt(self.system, system), "prompt"))
+        users = [i for i, m in enumerate(rest) if m["role"] == "user"]
+        system_at = {"first_user": users[:1], "last_user": users[-1:]}.get(self.system_position, []) if system is not None else []
         turns: list[list[Segment]] = [head]
         for i, msg in enumerate(rest):
             role, content = msg["role"], msg["content"]
             if role == "user":
-                if i == 0 and system is not None and self.system_position == "first_user":
+                if i in system_at:
                     content = fmt(self.system, system) + content
-                turns.append([Segment(fmt(self.user, content), "prompt")])
+                before = tool_render.before_last_user(style, tools) if users and i == users[-1] else ""
+                turns.append([Segment(before + fmt(self.user, content), "prompt")])
             elif role == "assistant":
                 if i == 0:  # a conversation that opens with the assistant: keep it out of the head
                     turns.append([])
+                content = tool_render.answer_text(style, self.name, content, msg.get("tool_calls") or [])
                 lead, tail = self.special(self.assistant, bos, eos).split("{content}")
                 turns[-1] += [Segment(self.special(self.assistant_start, bos, eos), "prompt"),
                               Segment(lead + content, "answer"), Segment(tail, "answer_end"),
                               Segment(self.special(self.assistant_end, bos, eos), "turn_end")]
+            elif role == "tool":
+                result = tool_render.result_text(style, content)
+                if self.tool:
+                    turns.append([Segment(fmt(self.tool, result), "prompt")])
+                elif i and rest[i - 1]["role"] == "tool":  # consecutive results share one user turn
+                    continue
+                else:
+                    group = [result]
+                    for later in rest[i + 1:]:
+                        if later["role"] != "tool":
+                            break
+                        group.append(tool_render.result_text(style, later["content"]))
+                    turns.append([Segment(fmt(self.user, "\n".join(group)), "prompt")])
             else:
                 raise DataError(f"message {i}: role '{role}' is not allowed after the first message (use {', '.join(ROLES)}).")
         if add_generation_prompt:
             turns[-1].append(Segment(self.special(self.assistant_start, bos, eos), "prompt"))
         return [[s for s in turn if s.text] for turn in turns]
 
-    def render(self, messages: list[dict], bos: str = "", eos: str = "", add_generation_prompt: bool = False) -> str:
-        return "".join(s.text for turn in self.segments(messages, bos, eos, add_generation_prompt) for s in turn)
+    def render(self, messages: list[dict], bos: str = "", eos: str = "", add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> str:
+        return "".join(s.text for turn in self.segments(messages, bos, eos, add_generation_prompt, tools) for s in turn)
 
     def to_jinja(self) -> str:
-        """The same template as a Hugging Face chat template (bos_token/eos_token from the tokenizer)."""
+        """The same template as a Hugging Face chat template (bos_token/eos_token from the tokenizer).
+
+        It renders plain dialogues (system, user, assistant) exactly as `render` does. Tools are medgpt's
+        alone: the Jinja raises on a `tools` list, a `tool` message or an assistant's `tool_calls` (mode=serve
+        renders those with `render(..., tools=...)`), rather than render them differently from training."""
         lit = lambda f: _jinja_concat(f, None)  # noqa: E731
         system_default = "none" if self.default_system is None else _jinja_str(self.default_system)
         parts = [
+            "{%- if tools -%}{{ raise_exception('This template renders tools through medgpt only (mode=serve)') }}{%- endif -%}",
             "{%- if messages and messages[0]['role'] == 'system' -%}",
             "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
             f"{{%- else -%}}{{%- set system = {system_default} -%}}{{%- set loop_messages = messages -%}}{{%- endif -%}}",
@@ -117,19 +159,24 @@ class Template:
             parts.append("{{ " + lit(self.prefix) + " }}")
         if self.system_position == "turn":
             parts.append("{%- if system is not none -%}{{ " + _jinja_concat(self.system, "system") + " }}{%- endif -%}")
+        parts.append("{%- set ns = namespace(first=-1, last=-1) -%}{%- for m in loop_messages -%}{%- if m['role'] == 'user' -%}"
+                     "{%- if ns.first < 0 -%}{%- set ns.first = loop.index0 -%}{%- endif -%}{%- set ns.last = loop.index0 -%}"
+                     "{%- endif -%}{%- endfor -%}")
         lead, tail = self.assistant.split("{content}")
         user_first = _jinja_concat(self.user, _jinja_concat(self.system, "system") + " + message['content']")
         user_plain = _jinja_concat(self.user, "message['content']")
-        user_block = ("{%- if loop.first and system is not none -%}{{ " + user_first + " }}{%- else -%}{{ " + user_plain + " }}{%- endif -%}"
-                      if self.system_position == "first_user" else "{{ " + user_plain + " }}")
+        at = {"first_user": "ns.first", "last_user": "ns.last"}.get(self.system_position)
+        user_block = ("{%- if loop.index0 == " + at + " and system is not none -%}{{ " + user_first + " }}{%- else -%}{{ "
+                      + user_plain + " }}{%- endif -%}" if at else "{{ " + user_plain + " }}")
         parts += [
             "{%- for message in loop_messages -%}",
             "{%- if message['role'] == 'user' -%}" + user_block,
-            "{%- elif message['role'] == 'assistant' -%}",
+            "{%- elif message['role'] == 'assistant' and not message.tool_calls -%}",
             ("{{ " + lit(self.assistant_start) + " }}" if self.assistant_start else ""),
             "{%- generation -%}{{ " + _jinja_concat(lead + "{content}" + tail, "message['content']") + " }}{%- endgeneration -%}",
             ("{{ " + lit(self.assistant_end) + " }}" if self.assistant_end else ""),
-            "{%- else -%}{{ raise_exception('Conversation roles must be user/assistant after an optional first system message') }}",
+            "{%- else -%}{{ raise_exception('Conversation roles must be user/assistant after an optional first system message "
+            "(tool calls and results are rendered by medgpt only)') }}",
             "{%- endif -%}{%- endfor -%}",
             "{%- if add_generation_prompt -%}" + ("{{ " + lit(self.assistant_start) + " }}" if self.assistant_start else "") + "{%- endif -%}",
         ]

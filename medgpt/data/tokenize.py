@@ -5,7 +5,9 @@ mask (prompt, answer, stop, separator). The rendered text is tokenised ONCE, wit
 offsets, so the ids are exactly the ids serving will see for the same text (tokenising segments
 separately can change tokens at segment boundaries); each token takes the role of the segment it
 starts in, and is trained if it overlaps an answer or its stop string (so a stop string that merges
-with the next turn's first characters is still learned). Tokenizers without offsets (slow ones)
+with the next turn's first characters is still learned). A token that straddles the end of an answer and
+its stop string counts as part of the stop: a stop string that is several tokens of this tokenizer (e.g.
+llama3's `<|eot_id|>` on a tokenizer without Llama 3's specials) then stays whole when the answer is cut. Tokenizers without offsets (slow ones)
 fall back to tokenising segment by segment.
 
 Labels are -100 on prompt tokens (unless `train_on_inputs`) and on the separator after an answer.
@@ -55,15 +57,17 @@ def tokens_with_roles(turns: list[list[Segment]], tokenizer) -> list[Token]:
             j += 1
         kind, turn = spans[j][2], spans[j][3]
         k = j + 1
-        while kind not in TRAINED and k < len(spans) and spans[k][0] < end:  # overlaps a trained span?
-            kind = spans[k][2] if spans[k][2] in TRAINED else kind
+        while kind != "answer_end" and k < len(spans) and spans[k][0] < end:  # overlaps a trained span? the stop first
+            kind = spans[k][2] if spans[k][2] == "answer_end" or (spans[k][2] == "answer" and kind not in TRAINED) else kind
             k += 1
         out.append((token_id, kind, turn))
     return out
 
 
-def encode_dialogue(messages: list[dict], template: Template, tokenizer, max_length: int, train_on_inputs: bool = False) -> Encoded:
-    turns = template.segments(messages, tokenizer.bos_token or "", tokenizer.eos_token or "")
+def encode_dialogue(messages: list[dict], template: Template, tokenizer, max_length: int, train_on_inputs: bool = False,
+                    tools: list[dict] | None = None) -> Encoded:
+    """`tools`: the function schemas the dialogue may call (rendered into the prompt, never trained)."""
+    turns = template.segments(messages, tokenizer.bos_token or "", tokenizer.eos_token or "", tools=tools)
     tokens = tokens_with_roles(turns, tokenizer)
     truncated = False
     last_turn = max((t for _, _, t in tokens), default=0)
