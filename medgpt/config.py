@@ -270,6 +270,7 @@ class PipelineConfig:
     data: dict[str, str] = field(default_factory=lambda: {"pt": "pretrain_demo", "sft": "medical_demo", "dpo": "dpo_demo"})
     overrides: dict[str, list[str]] = field(default_factory=dict)  # extra overrides per stage, e.g. {dpo: [method.beta=0.2]}
     merge: bool = True  # merge the last stage's adapter at the end
+    eval: list[str] = field(default_factory=list)  # suites evaluated on the starting model and after every stage, e.g. [mcq]
 
 
 @dataclass
@@ -300,10 +301,24 @@ class CompareConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """eval=judge: an LLM judge behind any OpenAI-compatible endpoint (medgpt/evaluation/judge.py)."""
+
+    base_url: str = unchecked("http://127.0.0.1:8000/v1", "an endpoint URL")  # e.g. medgpt's own mode=serve, vLLM, OpenAI
+    model: Optional[str] = unchecked(None, "a model id the endpoint serves")  # null: the endpoint's first /v1/models entry
+    api_key_env: Optional[str] = unchecked("OPENAI_API_KEY", "the NAME of an environment variable")  # never the key itself
+    temperature: float = bounded(0.0, ge=0, le=2)  # 0: the same verdict on a rerun (when the endpoint is deterministic)
+    max_tokens: int = bounded(200, ge=1)  # per verdict; the reply is read for JSON scores
+    timeout_s: float = bounded(60.0, gt=0)  # per request
+    retries: int = bounded(2, ge=0)  # per request, on connection errors and 5xx; then the evaluation stops (resumable)
+    concurrency: int = bounded(4, ge=1)  # requests in flight at once (higher = faster against a remote API, more load on it)
+
+
+@dataclass
 class EvalConfig:
     """mode=eval (conf/eval/<suite>.yaml; medgpt/evaluation/): what is evaluated and how it is scored."""
 
-    name: str = choice(MISSING, "mcq", "generation")  # the suite: eval/<name>/ in the run directory
+    name: str = choice(MISSING, "mcq", "generation", "judge")  # the suite: eval/<name>/ in the run directory
     files: list[str] = MISSING  # questions: paths or globs relative to paths.root
     limit: Optional[int] = bounded(None, ge=1)  # the first N questions only (null = all)
     on_error: str = choice("fail", "fail", "skip")  # a malformed question: stop, or skip it (and count it)
@@ -314,6 +329,10 @@ class EvalConfig:
     normalize: str = choice("none", "none", "token", "byte")  # mcq loglik: the score that decides (summed, or per token/byte)
     shots: int = bounded(0, ge=0)  # mcq: solved examples from dev_files before each question
     dev_files: list[str] = field(default_factory=list)  # mcq: where the shots come from
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # eval=judge: the judging model's endpoint
+    against: Optional[str] = unchecked(None, "a run directory")  # judge: pairwise win rate against this run's answers
+    baseline: bool = False  # mode=eval run=<dir>: also the run's starting model (no adapter), and a paired test of the difference
+    after: list[str] = field(default_factory=list)  # training: suites a run evaluates itself with at its end, e.g. [mcq]
 
 
 @dataclass
@@ -450,10 +469,15 @@ def check_known_keys(cfg: DictConfig) -> None:
             raise ConfigError(f"unknown key {group}.{unknown[0]} (known: {', '.join(sorted(known))}).")
 
 
-def check_fields(node: DictConfig, schema: type, prefix: str = "") -> None:
+def check_fields(node: DictConfig, schema: type, prefix: str = "", nested: bool = True) -> None:
     """Every field of `schema` that declares limits (bounded/choice) holds an accepted value in `node`;
-    works for any dataclass whose fields carry that metadata. Raises ConfigError naming `prefix + key`."""
+    works for any dataclass whose fields carry that metadata. Raises ConfigError naming `prefix + key`.
+    `nested`: also the nodes of nested schemas (eval.judge.*); the top level checks its nodes per mode instead."""
+    hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
+        if nested and dataclasses.is_dataclass(hints.get(f.name)) and isinstance(node.get(f.name), DictConfig):
+            check_fields(node[f.name], hints[f.name], f"{prefix}{f.name}.")
+            continue
         limits = limits_of(f)
         if limits is None or f.name not in node or OmegaConf.is_missing(node, f.name):
             continue
@@ -468,7 +492,7 @@ def check_values(cfg: DictConfig) -> None:
     (CHECKED_NODES): train checks the training groups, launcher, fsdp, watchdog, sweep and merge; serve, chat
     and webui check model, template, hardware, generation and serve (predict adds predict); merge checks
     merge; compare checks compare; eval checks model, template, hardware and eval."""
-    check_fields(cfg, Config)
+    check_fields(cfg, Config, nested=False)
     for key in CHECKED_NODES[cfg.mode]:
         check_fields(cfg[key], node_schema(cfg, key), f"{key}.")
 

@@ -60,16 +60,22 @@ def prepare(e, root: Path) -> GenerationData:
     return GenerationData(items, files, {"format": formats, "skipped": skipped})
 
 
-def predict(loaded, e, data: GenerationData, todo: list, write, bar) -> dict:
+def answers(loaded, questions: list[Question], max_new_tokens: int) -> list[dict]:
+    """Greedy answers to `questions` (one batch): answer text, whether it ended on the stop token, its tokens."""
+    done = greedy_answers(loaded, [loaded.chat_ids(q.messages) for q in questions], max_new_tokens)
+    out = []
+    for c in done:
+        stopped = c.finish_reason == "stop"
+        out.append({"answer": c.text.strip(), "stopped": stopped, "answer_tokens": max(0, c.completion_tokens - int(stopped))})
+    return out
+
+
+def predict(loaded, cfg, data: GenerationData, todo: list, write, bar) -> dict:
+    e = cfg.eval
     for start in range(0, len(todo), e.batch_size):
         batch = todo[start:start + e.batch_size]
-        done = greedy_answers(loaded, [loaded.chat_ids(q.messages) for q in batch], e.max_new_tokens)
-        rows = []
-        for q, c in zip(batch, done):
-            stopped, answer = c.finish_reason == "stop", c.text.strip()
-            rows.append({"id": q.id, "question": q.messages[-1]["content"], "reference": q.reference, "answer": answer,
-                         "rougeL": rouge_l(answer, q.reference), "stopped": stopped,
-                         "answer_tokens": max(0, c.completion_tokens - int(stopped))})
+        rows = [{"id": q.id, "question": q.messages[-1]["content"], "reference": q.reference, **a,
+                 "rougeL": rouge_l(a["answer"], q.reference)} for q, a in zip(batch, answers(loaded, batch, e.max_new_tokens))]
         write(rows)
         bar.update(len(batch))
     return {}
@@ -80,6 +86,11 @@ def metrics(rows: list[dict], e) -> dict:
     return {"n": len(rows), "rougeL": mean(r["rougeL"] for r in rows), "bleu": bleu, "bleu_tokenize": tokenize,
             "mean_answer_tokens": mean(r["answer_tokens"] for r in rows), "stop_rate": mean(bool(r["stopped"]) for r in rows),
             "max_new_tokens": e.max_new_tokens}
+
+
+def per_question(row: dict) -> float:
+    """The paired score of a row (eval.baseline: sign test): its ROUGE-L."""
+    return row["rougeL"]
 
 
 def flat(m: dict) -> dict:

@@ -102,8 +102,9 @@ def messages(item, shots: list, target: str) -> list[dict]:
     return turns + [{"role": "user", "content": user_turn(item, target)}]
 
 
-def predict(loaded, e, data: MCQData, todo: list, write, bar) -> dict:
+def predict(loaded, cfg, data: MCQData, todo: list, write, bar) -> dict:
     """Score `todo` batch by batch, writing each batch's rows at once; returns counters for results.json."""
+    e = cfg.eval
     stats = {"truncated_prompts": 0}
     for start in range(0, len(todo), e.batch_size):
         batch = todo[start:start + e.batch_size]
@@ -192,6 +193,11 @@ def metrics(rows: list[dict], e) -> dict:
         subjects[r.get("subject") or "unspecified"].append(bool(r["correct"]))
     out["per_subject"] = {s: {"n": len(v), "accuracy": mean(v)} for s, v in sorted(subjects.items())}
     return out
+
+
+def per_question(row: dict) -> float:
+    """The paired score of a row (eval.baseline: McNemar): 1.0 right, 0.0 wrong."""
+    return float(bool(row["correct"]))
 
 
 def flat(m: dict) -> dict:

@@ -13,7 +13,7 @@ without `run=` for an untrained model.
 A suite is a module with the same few functions (mcq.py, generation.py):
     settings(e, root) -> dict          what changes its predictions (names the folder; recorded in results.json)
     prepare(e, root) -> data           the questions (`data.items`, each with an `id`) and `data.files`; raises on bad data
-    predict(loaded, e, data, todo, write, bar) -> dict   scores `todo`, `write(rows)` per batch; extra counters
+    predict(loaded, cfg, data, todo, write, bar) -> dict   scores `todo` (e = cfg.eval), `write(rows)` per batch; extra counters
     metrics(rows, e) -> dict           over every row of the folder; flat(metrics) -> summary values; describe(m) -> str
 Questions already in predictions.jsonl are skipped, so an interrupted evaluation continues where it stopped.
 `run_suite(cfg, target, loaded=...)` runs a suite on a model already in memory (for an evaluation after training).
@@ -30,14 +30,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medgpt.errors import ConfigError, ModelError
+from medgpt.errors import ConfigError, MedgptError, ModelError
 from medgpt.evaluation.common import default_node, rel
 from medgpt.evaluation.folder import EvalFolder, file_digest, folder_name
 from medgpt.registry import register
 from medgpt.tracking.rundir import RunDir, read_json, redirect_log_files, resolve_run, trained_run
 
 log = logging.getLogger(__name__)
-SUITES = {"mcq": "medgpt.evaluation.mcq", "generation": "medgpt.evaluation.generation"}
+SUITES = {"mcq": "medgpt.evaluation.mcq", "generation": "medgpt.evaluation.generation", "judge": "medgpt.evaluation.judge"}
 STATIC_BATCH_WAIT_MS = 1000  # the engine waits for a whole batch: the same batches on every run (deterministic)
 
 
@@ -49,6 +49,7 @@ class Target:
     run: RunDir | None  # a finished training run (its summary.json gets the flat metrics)
     info: dict = field(default_factory=dict)  # model, run, adapter: for results.json
     model_key: str | None = None  # a bare model's name_or_path: the folder never mixes two models
+    cfg: DictConfig | None = None  # the config to load it with, when not the command's (eval.baseline: the starting model)
 
 
 def suite_module(name: str):
@@ -63,9 +64,12 @@ def evaluate(cfg: DictConfig, log_dir: Path) -> dict:
     return run_suite(cfg, resolve_target(cfg, log_dir), log_dir)
 
 
-def run_suite(cfg: DictConfig, target: Target, log_dir: Path | None = None, loaded=None) -> dict:
-    """eval=<suite> on `target`; returns results.json's content. `loaded` (medgpt.serving.loading.Loaded, left open):
-    a model already in memory, e.g. right after training; else the target's is loaded when there is work to do."""
+def run_suite(cfg: DictConfig, target: Target, log_dir: Path | None = None, loaded=None, summary: bool | None = None) -> dict:
+    """eval=<suite> on `target` (and, with eval.baseline=true, on its starting model); returns results.json's content.
+
+    `loaded` (medgpt.serving.loading.Loaded, left open): a model already in memory; else the target's is loaded when
+    there is work to do. `summary`: write the flat eval/<suite>/<metric> keys into the run's summary.json — None: only
+    for the suite's default settings (mode=eval), True: always (a run evaluating itself at its end, eval.after)."""
     e, root = cfg.eval, Path(cfg.paths.root)
     suite = suite_module(e.name)
     data = suite.prepare(e, root)  # a bad file or record stops here, before any model is loaded
@@ -75,48 +79,80 @@ def run_suite(cfg: DictConfig, target: Target, log_dir: Path | None = None, load
     except ConfigError:  # the suite's default files are gone: every folder gets a hash
         defaults = None
     name = folder_name(e.name, settings, defaults)
-    guard = {"suite": e.name, "settings": settings, "model": target.model_key,
-             "files": {rel(p, root): file_digest(p) for p in dict.fromkeys(data.files)}}
+    files = {rel(p, root): file_digest(p) for p in dict.fromkeys(data.files)}
     if target.run is None and not target.owner.config.exists():
         target.owner.path.mkdir(parents=True, exist_ok=True)
         target.owner.write_config(cfg)
+    results, rows = _evaluate(cfg, target, suite, data, name, {"suite": e.name, "settings": settings, "model": target.model_key,
+                                                               "files": files}, log_dir, loaded)
+    flat = {f"eval/{e.name}/{k}": v for k, v in suite.flat(results).items()}
+    if e.baseline:
+        from medgpt.evaluation.baseline import baseline_target, compare_rows
+
+        if target.run is None:
+            raise ConfigError("eval.baseline=true compares a trained run with its starting model: pass run=<run directory>.")
+        base = baseline_target(cfg, target)
+        base_results, base_rows = _evaluate(cfg, base, suite, data, f"{name}/baseline",
+                                            {"suite": e.name, "settings": settings, "model": base.model_key, "files": files})
+        results = {**results, **compare_rows(suite, base_results, base_rows, rows)}
+        EvalFolder(target.owner, name, {}).write_results(results)
+        flat.update({f"eval/{e.name}/baseline/{k}": v for k, v in suite.flat(base_results).items()})
+        flat.update({f"eval/{e.name}/{k}": results["paired"][k] for k in ("difference", "p_value")})
+    if target.run is not None and (summary or (summary is None and name == e.name)):
+        target.run.update_summary(flat)
+    print(f"eval {e.name}: {suite.describe(results)}" + (f"\n  {results['paired_text']}" if "paired_text" in results else "")
+          + f"\n  results: {EvalFolder(target.owner, name, {}).results}", flush=True)
+    return results
+
+
+def _evaluate(cfg: DictConfig, target: Target, suite, data, name: str, guard: dict, log_dir: Path | None = None,
+              loaded=None) -> tuple[dict, list[dict]]:
+    """One folder: the questions not yet in its predictions.jsonl, then results.json over all of them. A user error
+    while predicting (e.g. an unreachable judge) writes results.json over the rows done (`incomplete`) and is raised."""
+    e = cfg.eval
     folder = EvalFolder(target.owner, name, guard)
     with folder.claimed():
         if target.run is not None and log_dir is not None:  # the log goes beside the results, not into a stray directory
             redirect_log_files(Path(log_dir), folder.path)
         done = folder.done()
         todo = [it for it in data.items if it.id not in done]
-        print(f"eval {e.name}: {len(data.items)} questions; {len(data.items) - len(todo)} already in {folder.predictions}; "
-              f"{len(todo)} to go", flush=True)
-        counters, speed = {}, None
+        print(f"eval {e.name}{' (baseline: the starting model)' if name.endswith('/baseline') else ''}: {len(data.items)} questions; "
+              f"{len(data.items) - len(todo)} already in {folder.predictions}; {len(todo)} to go", flush=True)
+        counters, speed, stopped = {}, None, None
         if todo:
-            counters, speed = _predict(cfg, target, suite, data, todo, folder, loaded)
+            try:
+                counters, speed = _predict(cfg, target, suite, data, todo, folder, loaded)
+            except MedgptError as error:
+                stopped = error
         rows_by_id = folder.done()
         rows = [rows_by_id[it.id] for it in data.items if it.id in rows_by_id]
         metrics = suite.metrics(rows, e)
         previous = read_json(folder.results)
-        recorded = {**({"target": e.target, "normalize": e.normalize} if e.name == "mcq" else {}), **settings}
+        recorded = {**({"target": e.target, "normalize": e.normalize} if e.name == "mcq" else {}), **guard["settings"]}
         results = {"suite": e.name, **metrics,
                    "questions_per_s": speed if speed is not None else previous.get("questions_per_s"),
                    "computed": len(todo), "resumed": len(data.items) - len(todo), **counters, **target.info,
-                   **recorded, "folder": name, "settings": settings, **data.report}
+                   **recorded, "folder": name, "settings": guard["settings"], **data.report,
+                   "predictions": str(folder.predictions)}
+        if stopped is not None:
+            results.update(incomplete=f"{len(rows)} of {len(data.items)} questions done: {stopped}",
+                           computed=len(rows) - results["resumed"])
         folder.write_results(results)
-    if target.run is not None and name == e.name:
-        target.run.update_summary({f"eval/{e.name}/{k}": v for k, v in suite.flat(metrics).items()})
-    print(f"eval {e.name}: {suite.describe(metrics)}\n  results: {folder.results}", flush=True)
-    return results
+    if stopped is not None:
+        raise stopped
+    return results, rows
 
 
 def _predict(cfg: DictConfig, target: Target, suite, data, todo: list, folder: EvalFolder, loaded=None) -> tuple[dict, float]:
     from tqdm import tqdm
 
     own = loaded is None
-    loaded = load_for_eval(cfg, target) if own else loaded
+    loaded = load_for_eval(target.cfg or cfg, target) if own else loaded
     total = len(data.items)
     try:
         with folder.appender() as write, tqdm(total=total, initial=total - len(todo), desc=f"eval {cfg.eval.name}", unit="q") as bar:
             started = time.perf_counter()
-            counters = suite.predict(loaded, cfg.eval, data, todo, write, bar) or {}
+            counters = suite.predict(loaded, cfg, data, todo, write, bar) or {}
             elapsed = time.perf_counter() - started
     finally:
         if own:
