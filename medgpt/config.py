@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import importlib.util
 import re
 import typing
@@ -45,13 +46,22 @@ class Limits:
     lt: Optional[float] = None
     also: tuple = ()  # accepted besides the bounds, e.g. method.max_steps=-1 (off)
     options: tuple = ()  # a closed choice
+    registry: Optional[str] = None  # "module:function" returning the choice's names (a registry, e.g. serving engines)
+
+    def names(self) -> tuple:
+        """The closed choice: `options`, or what the registry holds now (read on every check, so a registered name counts)."""
+        if self.registry is None:
+            return self.options
+        module, _, function = self.registry.partition(":")
+        return tuple(getattr(importlib.import_module(module), function)())
 
     def problem(self, value: Any) -> Optional[str]:
         """Why `value` is refused (the sentence after `key=value`), or None when it is accepted."""
         if value is None or value in self.also:
             return None
-        if self.options:
-            return None if value in self.options else f"is not one of {', '.join(map(str, self.options))}."
+        if self.options or self.registry:
+            names = self.names()
+            return None if value in names else f"is not one of {', '.join(map(str, names))}."
         rules = [(">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)]
         # written as `not (value >= bound)`, so NaN is refused too
         passes = {">=": lambda b: value >= b, ">": lambda b: value > b, "<=": lambda b: value <= b, "<": lambda b: value < b}
@@ -78,6 +88,11 @@ def bounded(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = N
 def choice(default: Any, *options: Any) -> Any:
     """A schema field that takes one of `options` (the default among them, or MISSING/None): `choice("hf", "hf", "vllm")`."""
     return _limited_field(default, Limits(options=options))
+
+
+def registered(default: Any, registry: str) -> Any:
+    """A schema field that takes a name a registry holds, read when checked: `registered("hf", "medgpt.serving.engine:engine_names")`."""
+    return _limited_field(default, Limits(registry=registry))
 
 
 def unchecked(default: Any, reason: str) -> Any:
@@ -108,11 +123,16 @@ class DataConfig:
     train_files: list[str] = MISSING  # paths or globs, relative to the project root
     eval_files: list[str] = field(default_factory=list)
     eval_split: float = bounded(0.0, ge=0, lt=1)  # fraction of train held out for eval when eval_files is empty
-    format: str = choice("auto", "auto", "sharegpt", "messages", "alpaca", "text", "preference", "unpaired", "mcq")
+    format: str = registered("auto", "medgpt.data.formats:format_choices")  # auto or a registered data format
     columns: dict[str, str] = field(default_factory=dict)  # rename fields: {our_name: their_name}
-    max_samples: Optional[int] = bounded(None, ge=1)  # keep the first N training records (eval: N // 4, at least 8)
+    max_samples: Optional[int] = bounded(None, ge=1)  # keep the first N records of each source (eval: N // 4, at least 8)
+    # {training source name: weight or count} (medgpt/data/sources.py); untyped so that `data.mix={a: 3, b: 1}` replaces
+    # it (a typed dict refuses new keys on the command line); its values are checked when the sources are known
+    mix: Any = None
+    mix_by: str = choice("weight", "weight", "count")  # weight: the named sources share their total; count: records each
     on_error: str = choice("fail", "fail", "skip")  # what a malformed record does: fail, or skip it (and count it)
     system_prompt: Optional[str] = None  # used for records that bring no system turn
+    num_proc: int = bounded(0, ge=0)  # tokenisation worker processes; 0 = auto (1 for small data)
 
 
 @dataclass

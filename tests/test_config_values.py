@@ -99,8 +99,8 @@ def limits_of_key(key: str) -> Limits:
 
 
 def _violating(typ: type, limits: Limits) -> list:
-    if limits.options:
-        return ["bogus"] if typ is str else [max(limits.options) + 1, min(limits.options) - 1]
+    if limits.names():
+        return ["bogus"] if typ is str else [max(limits.names()) + 1, min(limits.names()) - 1]
     step = 1 if typ is int else 0.5
     values = [limits.ge - step if limits.ge is not None else None, limits.gt, limits.lt,
               limits.le + step if limits.le is not None else None]
@@ -108,8 +108,8 @@ def _violating(typ: type, limits: Limits) -> list:
 
 
 def _accepted(typ: type, limits: Limits) -> list:
-    if limits.options:
-        return list(limits.options)
+    if limits.names():
+        return list(limits.names())
     eps = 1 if typ is int else 1e-3
     values = [limits.ge, limits.gt + eps if limits.gt is not None else None, limits.le,
               limits.lt - eps if limits.lt is not None else None, *limits.also]
@@ -193,7 +193,7 @@ def test_violating_value_is_refused_naming_the_key(compose, key, base, value):
         validate(cfg)
     message = str(err.value)
     assert message.startswith(f"{key}="), message
-    assert ("is not one of" in message) if limits_of_key(key).options else ("is invalid: it must be" in message), message
+    assert ("is not one of" in message) if limits_of_key(key).names() else ("is invalid: it must be" in message), message
 
 
 @pytest.mark.parametrize("key,base,value", BOUNDARIES, ids=[f"{k}={v}" for k, _, v in BOUNDARIES])

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from medgpt.data.collate import PadCollator
+from medgpt.data.formats import accepts
 from medgpt.data.loading import data_format
 from medgpt.errors import DataError
 from medgpt.modeling.loader import DTYPES
@@ -101,7 +102,7 @@ def run_stage(stage: Stage, cfg: DictConfig, run: RunDir) -> dict:
 def check_data_format(cfg: DictConfig, stage: Stage) -> None:
     """Refuse data the method cannot train on, naming the file and the method that can."""
     fmt, where = data_format(cfg.data, Path(cfg.paths.root))
-    if fmt not in stage.formats:
+    if not accepts(stage.formats, fmt):  # by name, or a registered format of the same kind (medgpt.data.formats)
         other = method_for_format(fmt)
         raise DataError(f"{where}: holds {fmt} data, but method={stage.name} needs {' or '.join(stage.formats)} data; "
                         + (f"use method={other} or another data file." if other else "use another data file."))

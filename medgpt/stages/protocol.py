@@ -75,4 +75,6 @@ def methods() -> dict[str, Stage]:
 
 def method_for_format(fmt: str) -> str | None:
     """The first method that trains on data of format `fmt` (for 'use method=... instead' hints)."""
-    return next((name for name, stage in methods().items() if fmt in stage.formats), None)
+    from medgpt.data.formats import accepts
+
+    return next((name for name, stage in methods().items() if accepts(stage.formats, fmt)), None)
