@@ -115,6 +115,12 @@ class ModelConfig:
     revision: Optional[str] = None
     trust_remote_code: bool = False  # runs code shipped with the model: only for sources you trust
     init_from: Optional[str] = None  # a finished run directory to start from (its merged model, or base + adapter)
+    # vocabulary extension (medgpt/modeling/vocab.py): tokens added to the tokenizer, their rows trained (pt, sft)
+    add_tokens: list[str] = field(default_factory=list)
+    add_tokens_file: Optional[str] = unchecked(None, "a path: one token per line")
+    # RoPE scaling applied at load (medgpt/modeling/rope.py): null | linear | dynamic | yarn, by rope_factor
+    rope_scaling: Optional[str] = choice(None, "linear", "dynamic", "yarn")
+    rope_factor: float = bounded(2.0, gt=1)
 
 
 @dataclass
@@ -156,6 +162,8 @@ class MethodConfig:
     sample_max_new_tokens: int = bounded(64, ge=1)
     # stop after this many evaluations without a lower eval loss (0 = off; needs eval_steps > 0)
     early_stopping_patience: int = bounded(0, ge=0)
+    # NEFTune (Jain et al. 2023): uniform noise of alpha / sqrt(tokens x hidden) on the input embeddings while training; null = off
+    neftune_noise_alpha: Optional[float] = bounded(None, gt=0)
 
 
 @dataclass
@@ -539,6 +547,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("lora.quantization needs an adapter: use lora=qlora (or lora=lora with lora.quantization).")
     if lora.quantization and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("lora=qlora needs bitsandbytes: pip install 'bitsandbytes>=0.49'.")
+    if cfg.method.get("neftune_noise_alpha") is not None and cfg.method.name == "grpo":
+        raise ConfigError("method.neftune_noise_alpha would also add noise to the completions method=grpo samples (it samples "
+                          "in training mode): leave it unset with method=grpo.")
+    if cfg.model.get("rope_scaling") and (cfg.method.name == "rm" or cfg.method.get("reference") == "base"):
+        what = "method=rm's sequence-classification model" if cfg.method.name == "rm" else "the reference (method.reference=base)"
+        raise ConfigError(f"model.rope_scaling is not applied to {what}, which loads without it: leave model.rope_scaling unset here.")
     if lora.quantization and ds.zero_stage == 3:
         raise ConfigError("QLoRA (lora.quantization) cannot be combined with deepspeed=zero3: use zero2 or none.")
     # multi-process training: what can be told without probing devices (config.py imports no torch)

@@ -43,11 +43,14 @@ def target_modules(lora: DictConfig, model_cfg: DictConfig) -> list[str] | str:
     return list(chosen) if chosen else "all-linear"
 
 
-def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM"):
+def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM",
+                  trainable_token_indices: dict[str, list[int]] | None = None):
     """Wrap `model` for training as `lora` says; returns the model to hand to the trainer.
 
     task_type="SEQ_CLS" (a reward model, medgpt.stages.methods.rm): the `score` head is trained fully (modules_to_save)
-    and kept out of the LoRA targets."""
+    and kept out of the LoRA targets. `trainable_token_indices` ({embedding module name: row ids}, from
+    medgpt.modeling.vocab.trainable_rows): those rows of the embeddings train besides the adapter (added tokens),
+    unless lora.modules_to_save already trains the whole module."""
     if lora.name == "none":
         model.requires_grad_(True)
         _upcast_fp16_trainables(model)
@@ -64,10 +67,11 @@ def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_check
     to_save = list(lora.modules_to_save or [])
     if task_type == "SEQ_CLS" and "score" not in to_save:
         to_save.append("score")  # the reward head starts random: train all of it
+    rows = {name: ids for name, ids in (trainable_token_indices or {}).items() if name not in to_save} or None
     config = LoraConfig(
         task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=target_modules(lora, model_cfg), use_dora=lora.use_dora or lora.name == "dora",
-        modules_to_save=to_save or None,
+        modules_to_save=to_save or None, trainable_token_indices=rows,
     )
     model = get_peft_model(model, config, autocast_adapter_dtype=True)  # LoRA weights in fp32 over an fp16/bf16 base
     disable_4bit_cpu_packing(model)

@@ -129,10 +129,20 @@ def quantization_config(kind: str | None, dtype: torch.dtype):
 
 
 def load_model(path: str, placement: Placement, quantization: str | None = None, trust_remote_code: bool = False,
-               revision: str | None = None):
+               revision: str | None = None, rope_scaling: dict | None = None, adapter: str | None = None):
+    """`rope_scaling` ({"type", "factor"}: medgpt.modeling.rope) is applied to the config before the weights load;
+    `adapter`: the adapter folder the model is the base of, whose medgpt_base.json (RoPE scaling, resized vocabulary:
+    medgpt.modeling.vocab) is applied so the base has the shape the adapter trained on."""
     from transformers import AutoModelForCausalLM
 
+    from medgpt.modeling.rope import scaled_config
+    from medgpt.modeling.vocab import apply_base_changes, read_base_changes
+
+    changes = read_base_changes(adapter)
+    rope_scaling = rope_scaling or changes.get("rope_scaling")
     kwargs = dict(dtype=placement.dtype, attn_implementation=placement.attn_implementation, trust_remote_code=trust_remote_code)
+    if rope_scaling:
+        kwargs["config"] = scaled_config(path, rope_scaling, trust_remote_code, revision)
     if quantization:
         kwargs["quantization_config"] = quantization_config(quantization, placement.dtype)
         kwargs["device_map"] = {"": 0} if placement.device == "cuda" else {"": placement.device}
@@ -140,6 +150,7 @@ def load_model(path: str, placement: Placement, quantization: str | None = None,
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"could not load the model from {path}: {e}") from None
+    apply_base_changes(model, changes)
     if not quantization:
         model.to(placement.device)
     log.info("model: %s (%.1fM parameters, %s, %s, %s attention)", path, model.num_parameters() / 1e6, placement.device,

@@ -164,7 +164,7 @@ def _load_hf_model(cfg: DictConfig, a: Artefacts):
     from medgpt.modeling.loader import load_model, resolve_placement
 
     placement = resolve_placement(cfg.hardware)
-    model = load_model(a.model_path, placement, trust_remote_code=a.trust_remote_code)
+    model = load_model(a.model_path, placement, trust_remote_code=a.trust_remote_code, adapter=a.adapter_path)  # shaped as trained
     if a.adapter_path:
         from peft import PeftModel
 

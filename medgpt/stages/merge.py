@@ -1,6 +1,7 @@
 """Merge a run's LoRA adapter into its base model (mode=merge run=<dir>|latest), with a parity check.
 
-Writes `<run>/merged/`: safetensors weights in `merge.dtype`, config, generation config (stop tokens),
+Writes `<run>/merged/`: safetensors weights in `merge.dtype`, config (with the run's resized vocabulary and RoPE
+scaling, medgpt.modeling.vocab / rope), generation config (stop tokens),
 the tokenizer with the chat template training used, and `merge_report.json` — greedy answers of the
 adapter model and of the merged model (reloaded from disk) on fixed prompts, whether they are equal,
 and the largest logit difference. The folder is written next to it and renamed into place, so a
@@ -25,7 +26,7 @@ from omegaconf import DictConfig
 from medgpt.data.templates import SAVED_TEMPLATE, Template, load_saved_template, stop_token_ids
 from medgpt.errors import ConfigError
 from medgpt.modeling.generate import generate_answers
-from medgpt.modeling.loader import DTYPES
+from medgpt.modeling.loader import DTYPES, Placement, load_model
 from medgpt.registry import register
 from medgpt.tracking.rundir import RunDir, resolve_run, trained_run, write_json
 
@@ -67,7 +68,9 @@ def merge_run(run_dir: Path, dtype: str = "auto", parity_prompts: int = 3) -> Pa
     log.info("merging %s into %s (%s)", adapter, base, str(torch_dtype).removeprefix("torch."))
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     template = load_saved_template(adapter)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    # the base reshaped as training reshaped it (added tokens' rows, RoPE scaling: adapter/medgpt_base.json)
+    base_model = load_model(base, Placement("cpu", torch.float32, "sdpa"), adapter=str(adapter))
+    model = PeftModel.from_pretrained(base_model, adapter).eval()
     answers_adapter, logits_adapter = _parity(model, tokenizer, template, parity_prompts)
     merged = model.merge_and_unload().to(torch_dtype)
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer, template)

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,8 @@ from medgpt.data.templates import SAVED_TEMPLATE, Template, load_saved_template,
 from medgpt.errors import ArtefactError, ConfigError, RunInterrupted
 from medgpt.modeling.adapters import apply_adapter
 from medgpt.modeling.loader import Placement, load_model, load_tokenizer, resolve_model_path, resolve_placement
+from medgpt.modeling.rope import rope_settings
+from medgpt.modeling.vocab import add_token_rows, base_changes, extend_tokenizer, record_base_changes, requested_tokens, trainable_rows
 from medgpt.stages.protocol import TrainingParts
 from medgpt.tracking import loggers
 from medgpt.tracking.guards import EarlyStopping, InterruptGuard, LossWatchdog, TrainingDiverged
@@ -44,6 +46,7 @@ class Setup:
     template: Template
     init_from: str | None = None  # the finished run this one starts from
     root_model_path: str = ""  # the pretrained model at the start of the chain of runs
+    new_tokens: dict = field(default_factory=dict)  # model.add_tokens: {new id: its sub-token ids before} (modeling.vocab)
 
 
 def prepare(cfg: DictConfig) -> Setup:
@@ -65,18 +68,35 @@ def prepare(cfg: DictConfig) -> Setup:
         model_path = resolve_model_path(cfg.model.name_or_path, cfg.paths.cache_dir, cfg.model.revision)
         root = model_path
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    new_tokens = extend_tokenizer(tokenizer, requested_tokens(cfg.model, cfg.paths.root))  # before the data is tokenised
+    if new_tokens and cfg.method.name not in VOCAB_METHODS:
+        raise ConfigError(f"model.add_tokens adds {len(new_tokens)} new tokens, which method={cfg.method.name} cannot train (its "
+                          "reference or reward model loads without them): add them in a pt or sft run and start from it (model.init_from).")
     if saved_template is not None and cfg.template.name == "auto":
         template = saved_template
     else:
         template = resolve_template(cfg.template, cfg.model.template, tokenizer)
     log.info("template: %s (stop %r)", template.name, template.stop_string(tokenizer.bos_token, tokenizer.eos_token))
-    return Setup(placement, model_path, tokenizer, template, init_from, root)
+    return Setup(placement, model_path, tokenizer, template, init_from, root, new_tokens)
+
+
+VOCAB_METHODS = ("pt", "sft")  # the methods that train added tokens (the others load a second model without them)
 
 
 def build_model(cfg: DictConfig, setup: Setup):
-    model = load_model(setup.model_path, setup.placement, cfg.lora.quantization, cfg.model.trust_remote_code, cfg.model.revision)
+    """The starting weights (RoPE scaling applied at load; added tokens' rows resized in, each the mean of its sub-tokens'),
+    wrapped as `lora` says; with an adapter only the added rows of the embeddings train (medgpt.modeling.vocab)."""
+    rope = rope_settings(cfg.model)
+    model = load_model(setup.model_path, setup.placement, cfg.lora.quantization, cfg.model.trust_remote_code, cfg.model.revision,
+                       rope_scaling=rope)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    return apply_adapter(model, cfg.lora, cfg.model, cfg.hardware.gradient_checkpointing)
+    if setup.new_tokens:
+        add_token_rows(model, len(setup.tokenizer), setup.new_tokens)
+    rows = trainable_rows(model, list(setup.new_tokens)) if setup.new_tokens else None
+    model = apply_adapter(model, cfg.lora, cfg.model, cfg.hardware.gradient_checkpointing, trainable_token_indices=rows)
+    if cfg.lora.name != "none" and (rope or setup.new_tokens):  # the adapter's base must be reshaped the same way to load it
+        record_base_changes(model, base_changes(len(setup.tokenizer) if setup.new_tokens else None, setup.new_tokens, rope))
+    return model
 
 
 def deepspeed_config(ds: DictConfig) -> dict | None:
@@ -194,6 +214,7 @@ def training_arguments(cfg: DictConfig, checkpoints: Path, placement: Placement,
         warmup_steps=m.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=m.weight_decay,
         max_grad_norm=m.max_grad_norm,
+        neftune_noise_alpha=m.get("neftune_noise_alpha"),  # NEFTune: the Trainer hooks the input embeddings while training
         train_sampling_strategy=("group_by_length" if m.group_by_length else "random") if m.shuffle else "sequential",
         logging_steps=m.logging_steps,
         eval_strategy="steps" if has_eval and m.eval_steps > 0 else "no",
@@ -237,7 +258,8 @@ def passthrough(cfg: DictConfig, managed: dict, args_cls: type = TrainingArgumen
 MANAGED_BY = {"learning_rate": "method.learning_rate", "per_device_train_batch_size": "hardware.batch_size",
               "gradient_accumulation_steps": "hardware.grad_accum", "num_train_epochs": "method.epochs",
               "max_steps": "method.max_steps", "lr_scheduler_type": "method.lr_scheduler", "seed": "seed",
-              "bf16": "hardware.dtype", "fp16": "hardware.dtype", "deepspeed": "deepspeed=...", "fsdp": "fsdp=..."}
+              "bf16": "hardware.dtype", "fp16": "hardware.dtype", "deepspeed": "deepspeed=...", "fsdp": "fsdp=...",
+              "neftune_noise_alpha": "method.neftune_noise_alpha"}
 
 
 def make_trainer(cfg: DictConfig, run: RunDir, setup: Setup, model, parts: TrainingParts, perplexity: bool = True) -> Trainer:
