@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (mode=serve): FastAPI over one engine.
 
     GET  /v1/models                 the served model
-    POST /v1/chat/completions       messages -> answer (stream=true: Server-Sent Events)
+    POST /v1/chat/completions       messages -> answer (stream=true: Server-Sent Events); `tools` -> OpenAI `tool_calls`
+                                    (medgpt.serving.tools; 400 when the template has no tool format)
     POST /v1/completions            raw prompt(s) -> continuation
     POST /v1/rewards                texts -> scores, on a reward-model run only (medgpt.serving.rewards)
     GET  /health                    {"status": "ok", ...} (no key needed)
@@ -34,6 +35,7 @@ from medgpt.errors import DataError
 from medgpt.serving.engine import Delta, Handle, sampling_params
 from medgpt.serving.metrics import Metrics
 from medgpt.serving.protocol import ChatRequest, CompletionRequest, RequestError, error_response, first_validation_error
+from medgpt.serving.tools import answer, request_messages, stream_delta, uses_tools
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +176,20 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(body: ChatRequest, request: Request):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages, tools = request_messages(body, loaded.template), body.offered_tools()
         try:
-            ids = await run_in_threadpool(loaded.chat_ids, messages)  # a long prompt takes seconds: not on the event loop
+            if uses_tools(body):  # the template renders the tool list, the calls and their results (medgpt.serving.tools)
+                tok = loaded.tokenizer
+                ids = await run_in_threadpool(lambda: loaded.text_ids(loaded.template.render(
+                    messages, tok.bos_token or "", tok.eos_token or "", True, tools)))
+            else:
+                ids = await run_in_threadpool(loaded.chat_ids, messages)  # a long prompt takes seconds: not on the event loop
         except DataError as e:
             raise RequestError("messages", f"messages: {e} (roles: {', '.join(ROLES)}; a system message may only come first).") from None
         params = params_for(body, len(ids), "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handle = loaded.engine.submit(ids, params, loop=asyncio.get_running_loop())
-        return await respond(request, body, handle, rid, "chat.completion", time.monotonic())
+        return await respond(request, body, handle, rid, "chat.completion", time.monotonic(), tools)
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest, request: Request):
@@ -196,11 +203,11 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
         rid = f"cmpl-{uuid.uuid4().hex}"
         return await respond(request, body, handles[0] if body.stream else handles, rid, "text_completion", time.monotonic())
 
-    async def respond(request: Request, body, handles, rid: str, kind: str, started: float):
+    async def respond(request: Request, body, handles, rid: str, kind: str, started: float, tools: list[dict] | None = None):
         endpoint = request.url.path
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(handles, rid, kind, include_usage, endpoint, started), media_type="text/event-stream",
+            return StreamingResponse(sse(handles, rid, kind, include_usage, endpoint, started, tools), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         handles = handles if isinstance(handles, list) else [handles]
         # Starlette does not cancel a handler whose client went away: watch for the disconnect ourselves
@@ -225,8 +232,8 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         metrics.observe(endpoint, 200, time.monotonic() - started, usage["prompt_tokens"], usage["completion_tokens"])
         if kind == "chat.completion":
-            choices = [{"index": 0, "message": {"role": "assistant", "content": results[0].text}, "logprobs": None,
-                        "finish_reason": results[0].finish_reason}]
+            message, finish = answer(results[0].text, results[0].finish_reason, loaded.template, tools)
+            choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
         else:
             choices = [{"index": i, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason} for i, d in enumerate(results)]
         return {"id": rid, "object": kind, "created": int(time.time()), "model": model_id, "choices": choices, "usage": usage}
@@ -237,13 +244,16 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
             parts.append(last.text)
         return Delta("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens, last.error)
 
-    async def sse(handle: Handle, rid: str, kind: str, include_usage: bool, endpoint: str, started: float):
+    async def sse(handle: Handle, rid: str, kind: str, include_usage: bool, endpoint: str, started: float,
+                  tools: list[dict] | None = None):
         chat = kind == "chat.completion"
         obj, now = ("chat.completion.chunk" if chat else "text_completion"), int(time.time())
+        held: list[str] = []  # tools offered: the answer is held until complete (medgpt.serving.tools)
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> str:
             if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                if delta is None:
+                    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -258,7 +268,14 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
                     metrics.observe(endpoint, 500)
                     yield "data: " + json.dumps({"error": {"message": f"generation failed: {last.error}", "type": "server_error"}}) + "\n\n"
                     break
-                if last.text and not last.finish_reason:
+                if tools:
+                    held.append(last.text)
+                    if last.finish_reason:
+                        message, finish = answer("".join(held), last.finish_reason, loaded.template, tools)
+                        if stream_delta(message):
+                            yield chunk(None, None, delta=stream_delta(message))
+                        yield chunk(None, finish)
+                elif last.text and not last.finish_reason:
                     yield chunk(last.text, None)
                 elif last.finish_reason:
                     if last.text:

@@ -12,7 +12,7 @@ import re
 from typing import Literal, Optional, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class RequestError(Exception):
@@ -35,13 +35,57 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object, as a string (OpenAI)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None]  # null (or left out) only for an assistant message with tool_calls
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # a tool result: the call it answers
+    name: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content(cls, data):
+        if isinstance(data, dict) and data.get("content") is None:
+            data = {k: v for k, v in data.items() if k != "content"}  # otherwise: "content: this field is required"
+            if data.get("role") == "assistant" and data.get("tool_calls"):
+                data["content"] = None
+        return data
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionSpec
+
+    def schema(self) -> dict:
+        """The OpenAI function schema as templates render it (fields the client left out are left out)."""
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
 
 
 class StreamOptions(BaseModel):
@@ -75,6 +119,12 @@ class _Sampling(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, gt=0, strict=True)
+    tools: Optional[list[ToolSpec]] = None
+    tool_choice: Optional[Literal["auto", "none"]] = None  # a forced call ("required", a named function) is not supported
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tool schemas the model may call (none with tool_choice "none")."""
+        return [t.schema() for t in self.tools] if self.tools and self.tool_choice != "none" else None
 
     def wanted_tokens(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
