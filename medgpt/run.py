@@ -12,6 +12,8 @@ a run that crashed (killed, preempted: its summary says running but its owner is
 multirun sweep a failed job is marked failed, returns NaN and the sweep goes on (Ctrl-C stops the
 sweep); a job returns its `sweep.metric` for the sweeper (Optuna). W&B / TensorBoard (logger=...)
 are started by the process that trains on rank 0 and get the final summary (medgpt.tracking.loggers).
+With eval.after=[mcq, ...] a completed run evaluates itself first, in this process (medgpt.evaluation.after), so
+its eval/<suite>/<metric> keys are in that summary, the end table and the sweep's metric.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from omegaconf import DictConfig
 from medgpt import registry
 from medgpt.config import MODES, validate
 from medgpt.errors import ConfigError, MedgptError, RunInterrupted
+from medgpt.evaluation.after import after_training
+from medgpt.evaluation.after import check as check_eval_after
 from medgpt.tracking import loggers
 from medgpt.tracking.resume import checkpoint_step, prepare_resume, truncate_metrics
 from medgpt.tracking.rundir import RunDir, resolve_run
@@ -58,6 +62,7 @@ def run(cfg: DictConfig) -> float | None:
         else:
             validate(cfg)  # a bad value is refused before any directory is claimed or written
             _preflight(cfg)
+            check_eval_after(cfg)  # eval.after / pipeline.eval: names, values, files (medgpt.evaluation.after)
             run_dir, resumed = RunDir.claim(hydra_dir, named_by_user=named), {}
     except MedgptError as e:
         _remove_if_empty(hydra_dir)  # the directory Hydra made for a run that does not happen
@@ -118,7 +123,9 @@ def _execute(cfg: DictConfig, run_dir: RunDir, multirun: bool, earlier_s: float,
             print(f"error: {type(e).__name__}: {e}\nrun directory (marked failed): {run_dir}", file=sys.stderr)
             return float("nan")
         raise
-    summary = _end(run_dir, "completed", {**wall(), **summary})
+    summary = run_dir.finish("completed", {**wall(), **summary}).to_dict()
+    summary = after_training(cfg, run_dir, summary)  # eval.after: the run evaluates itself (adds eval/<suite>/<metric>)
+    loggers.finish(summary, "completed")
     log.info("done: %s", run_dir)
     print(end_table(summary, run_dir.path), flush=True)
     return _sweep_metric(cfg, summary)
@@ -137,6 +144,10 @@ def end_table(summary: dict, run_dir: Path) -> str:
             ("tokens/s", num(summary.get("tokens_per_s"), ".1f")),
             ("wall time", _duration(summary.get("wall_time_s"))),
             ("artefact", artefact or "-")]
+    evals = [f"{k[5:]} {num(v, '.3f')}" for k, v in summary.items() if k.count("/") == 2 and k.startswith("eval/")
+             and k.endswith(("/accuracy", "/rougeL", "/overall", "/win_rate"))]  # eval.after (medgpt.evaluation.after)
+    if evals:
+        rows.insert(-1, ("eval", ", ".join(evals)))
     if summary.get("stages"):  # method=pipeline: the stages' own figures instead of the first three
         rows = [(f"stage {r.get('stage')}", f"{r.get('steps', '-')} steps, eval loss {num(r.get('eval_loss_before'))} -> "
                  f"{num(r.get('eval_loss'))}") for r in summary["stages"]] + rows[4:]

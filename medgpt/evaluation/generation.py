@@ -23,6 +23,7 @@ from medgpt.evaluation.stats import mean
 from medgpt.evaluation.textmetrics import corpus_bleu, rouge_l
 
 SUMMARY_METRICS = ("n", "rougeL", "bleu", "mean_answer_tokens", "stop_rate")
+MAIN = "rougeL"  # the metric a stage-by-stage table shows (per_question() is its per-question score)
 
 
 @dataclass(frozen=True)

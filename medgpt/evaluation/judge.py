@@ -32,6 +32,7 @@ from medgpt.evaluation.stats import mean
 
 PROMPTS_VERSION = 1  # the rubric and pairwise prompts (judge_client): a new version never shares a folder with the old
 SUMMARY_METRICS = ("n", *CRITERIA, "overall", "unparsed_rate", "win_rate")
+MAIN = "overall"  # the metric a stage-by-stage table shows (per_question() is its per-question score)
 
 
 @dataclass

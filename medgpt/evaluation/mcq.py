@@ -45,6 +45,7 @@ ASK = {("letter", False): "Answer with the letter of the correct option.",
        ("letter", True): "请直接回答正确选项的字母。",
        ("text", True): "请直接回答正确选项的内容。"}
 SUMMARY_METRICS = ("n", "accuracy", "ci95_lo", "ci95_hi", "accuracy_norm")
+MAIN = "accuracy"  # the metric a stage-by-stage table shows (per_question() is its per-question score)
 
 
 @dataclass

@@ -193,6 +193,23 @@ def require_completed(path: Path) -> None:
         raise ConfigError(f"run {path} {why.format(path=path)}.")
 
 
+def run_target(trained: Path) -> Target:
+    """A Target for the run directory that holds the weights (completed, or finishing: eval.after)."""
+    run = RunDir(trained)
+    found = run.weights()
+    if found is None:
+        raise ModelError(f"run {trained} has no merged/, model/ or adapter/ to evaluate; did its training finish?")
+    summary = run.read_summary()
+    if summary.stage == "rm":
+        raise ConfigError(f"run {trained} is a reward model (method=rm): it scores texts and cannot answer questions; "
+                          "evaluate a generative run.")
+    saved = OmegaConf.load(run.config)
+    model = summary.base_model_path or OmegaConf.select(saved, "model.name_or_path")
+    info = {"model": str(found[1]) if found[0] != "adapter" else model, "run": str(trained),
+            "adapter": str(found[1]) if found[0] == "adapter" else None, "weights": found[0]}
+    return Target(run, run, info)
+
+
 def resolve_target(cfg: DictConfig, log_dir: Path) -> Target:
     if cfg.run:
         path = resolve_run(cfg.run, Path(cfg.paths.output_dir)).resolve()  # run=latest: the newest completed run
@@ -200,19 +217,7 @@ def resolve_target(cfg: DictConfig, log_dir: Path) -> Target:
         trained = trained_run(path).resolve()  # a pipeline's root directory: its last stage
         if trained != path:
             require_completed(trained)
-        run = RunDir(trained)
-        found = run.weights()
-        if found is None:
-            raise ModelError(f"run {trained} has no merged/, model/ or adapter/ to evaluate; did its training finish?")
-        summary = run.read_summary()
-        if summary.stage == "rm":
-            raise ConfigError(f"run {trained} is a reward model (method=rm): it scores texts and cannot answer questions; "
-                              "evaluate a generative run.")
-        saved = OmegaConf.load(run.config)
-        model = summary.base_model_path or OmegaConf.select(saved, "model.name_or_path")
-        info = {"model": str(found[1]) if found[0] != "adapter" else model, "run": str(trained),
-                "adapter": str(found[1]) if found[0] == "adapter" else None, "weights": found[0]}
-        return Target(run, run, info)
+        return run_target(trained)
     owner = RunDir(log_dir)
     if owner.summary_path.exists():
         raise ConfigError(f"{log_dir} holds a training run: evaluate it with run={log_dir} (hydra.run.dir is for a bare model's results).")

@@ -7,11 +7,17 @@ hardware=..., ...), then `pipeline.overrides[stage]` — and runs in `<run>/<i>-
 run layout, initialised from the previous stage (`model.init_from`: its merged weights and its
 template). The last stage's adapter is merged (`pipeline.merge`). The root summary.json lists every
 stage's metrics (the common ones and those its method reports), held-out eval loss after each stage included.
+
+`pipeline.eval=[mcq, ...]` (else eval.after) evaluates the starting model and every stage when it has finished
+(medgpt.evaluation.after; the starting model as stage 1's eval.baseline): each stage's run directory gets its eval/
+folders and eval/<suite>/<metric> keys, the root summary.json the last stage's keys and `eval_stages`, a
+stage-by-stage table (each row's paired test against the row before it), printed at the end.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +29,8 @@ from medgpt import registry
 from medgpt.config import validate
 from medgpt.errors import ConfigError
 from medgpt.registry import register
+from medgpt.evaluation.after import evaluate_run, suites
+from medgpt.evaluation.stages import format_stage_table, stage_table
 from medgpt.stages.protocol import methods
 from medgpt.tracking.rundir import RunDir
 
@@ -52,6 +60,7 @@ def pipeline(cfg: DictConfig, run_dir: RunDir) -> dict:
     if unknown or not cfg.pipeline.stages:
         raise ConfigError(f"pipeline.stages={list(cfg.pipeline.stages)}: use a sequence of {', '.join(declared)}.")
     previous, results = cfg.model.init_from, []
+    evals = _stage_evals(cfg)
     for i, stage in enumerate(cfg.pipeline.stages, 1):
         overrides = stage_overrides(cfg, stage, previous)
         sub = compose(config_name="config", overrides=overrides)
@@ -75,6 +84,9 @@ def pipeline(cfg: DictConfig, run_dir: RunDir) -> dict:
         keys = REPORTED + declared[stage].reported
         results.append({"stage": stage, "run_dir": str(run), "data": sub.data.name,
                         **{k: summary.get(k) for k in keys if summary.get(k) is not None}})
+        if evals is not None:
+            evals.append((stage, evaluate_run(sub, run.path, suites(cfg), baseline=i == 1)))
+            results[-1].update({k: v for k, v in run.read_summary().extra.items() if k.startswith("eval/")})
         previous = str(run)
     merged = None
     last = RunDir(previous)
@@ -84,8 +96,23 @@ def pipeline(cfg: DictConfig, run_dir: RunDir) -> dict:
         merged = str(merge_run(last.path, cfg.merge.dtype, cfg.merge.parity_prompts))
     for r in results:
         log.info("stage %-4s held-out eval loss %s -> %s", r["stage"], _fmt(r.get("eval_loss_before")), _fmt(r.get("eval_loss")))
+    table = {}
+    if evals:
+        table = {"eval_stages": stage_table(evals), **{k: v for k, v in results[-1].items() if k.startswith("eval/")}}
+        print(format_stage_table(table["eval_stages"]), flush=True)
     return {"stage": "pipeline", "stages": results, "final_run": previous, "merged": merged,
-            "eval_loss": results[-1].get("eval_loss"), "template": last.read_summary().template}
+            "eval_loss": results[-1].get("eval_loss"), "template": last.read_summary().template, **table}
+
+
+def _stage_evals(cfg: DictConfig) -> list | None:
+    """[] when the stages are to be evaluated (pipeline.eval or eval.after), else None."""
+    if not suites(cfg):
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.warning("pipeline.eval: skipped under %s processes (evaluate the stages with mode=eval run=<stage dir>)",
+                    os.environ.get("WORLD_SIZE"))
+        return None
+    return []
 
 
 def _fmt(value) -> str:

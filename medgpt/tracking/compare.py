@@ -5,7 +5,8 @@
     python launch.py mode=compare run=[outputs/a,outputs/b] compare.sort_by=train_loss
 
 Prints a markdown table (one row per run: the differing config keys, status, steps, train and eval
-loss, wall time; sorted by `compare.sort_by`, missing values last) and writes it to comparison.md
+loss, wall time, and the evaluation results any run has, e.g. `eval/mcq/accuracy` (medgpt.evaluation: eval.after
+or mode=eval); sorted by `compare.sort_by`, missing values last) and writes it to comparison.md
 beside comparison_loss.png, in `compare.output` or else the compared folder (for a list: the folder
 the runs share).
 """
@@ -58,7 +59,7 @@ def label(run: RunRecord, home: Path) -> str:
 def comparison(runs: list[RunRecord], home: Path, sort_by: str, descending: bool) -> tuple[list[str], list[list], list[str]]:
     """Headers, rows (sorted) and the differing keys."""
     keys = differing_keys([r.config for r in runs])
-    columns = list(METRICS)
+    columns = list(METRICS) + eval_columns(runs)
     if sort_by not in columns and sort_by not in keys:
         known = sorted({k for r in runs for k, v in r.summary.items() if isinstance(v, int | float)} | set(keys))
         if not any(sort_by in r.summary for r in runs):
@@ -67,6 +68,15 @@ def comparison(runs: list[RunRecord], home: Path, sort_by: str, descending: bool
     runs = sorted(runs, key=lambda r: sort_key(r.metric(sort_by), descending))
     rows = [[label(r, home), *[r.config.get(k) for k in keys], *[r.metric(c) for c in columns]] for r in runs]
     return ["run", *keys, *columns], rows, keys
+
+
+def eval_columns(runs: list[RunRecord]) -> list[str]:
+    """The evaluation keys any of the runs has (eval.after / mode=eval): each suite's main metric, and the judge's
+    win rate; sorted. Any other eval/ key can still be a column through compare.sort_by."""
+    from medgpt.evaluation.modes import SUITES, suite_module
+
+    shown = {f"eval/{name}/{suite_module(name).MAIN}" for name in SUITES} | {"eval/judge/win_rate"}
+    return sorted({k for r in runs for k in r.summary if k in shown})
 
 
 @register("compare")
