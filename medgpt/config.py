@@ -25,7 +25,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from medgpt.errors import ConfigError
 
-MODES = ("train", "serve", "chat", "predict", "merge", "eval", "compare", "webui")
+MODES = ("train", "serve", "chat", "predict", "merge", "eval", "compare", "webui", "export", "preview")
 # transformers' SchedulerType values (kept here as data: composing a config imports no transformers)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
                  "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
@@ -265,7 +265,8 @@ class GenerationConfig:
 
 @dataclass
 class ServeConfig:
-    engine: str = choice("hf", "hf", "vllm")  # hf (transformers; batches concurrent requests) | vllm (GPU, pip install 'medgpt[gpu]')
+    # a registered engine (medgpt.serving.engine.ENGINES): hf (transformers; batches concurrent requests) | vllm (GPU, 'medgpt[gpu]')
+    engine: str = registered("hf", "medgpt.serving.engine:engine_names")
     host: str = "127.0.0.1"  # 0.0.0.0 exposes the server to the network: set api_key then
     port: int = bounded(8000, ge=1, le=65535)
     api_key: Optional[str] = None  # bearer key required on /v1/* (env MEDGPT_API_KEY works too)
@@ -290,6 +291,20 @@ class PredictConfig:
 class MergeConfig:
     dtype: str = choice("auto", *DTYPES)  # auto (the training dtype) | fp32 | fp16 | bf16
     parity_prompts: int = bounded(3, ge=0)  # greedy outputs compared between adapter and merged model
+
+
+@dataclass
+class ExportConfig:
+    """mode=export run=<dir>: the run's model as GGUF, a bitsandbytes folder or merged safetensors (medgpt/export/)."""
+
+    format: str = choice("gguf", "gguf", "bnb", "merged")  # written to <run>/export/<format>/ with export_report.json
+    # gguf tensor type; the gguf package cannot write K-quants (q4_k_m, ...): convert with llama.cpp's quantize for those
+    gguf_type: str = choice("q8_0", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+    bnb: str = choice("nf4", "nf4", "fp4", "int8")  # bitsandbytes type of export.format=bnb
+    dtype: str = choice("auto", "auto", "fp16", "bf16", "fp32")  # export.format=merged (auto: bf16 if the run trained in bf16, else fp16)
+    prompts: int = bounded(3, ge=1, le=8)  # fixed prompts the round trip compares (logits and greedy answers)
+    max_new_tokens: int = bounded(16, ge=1)  # length of the greedy answers compared
+    tolerance: Optional[float] = bounded(None, gt=0)  # largest logit difference accepted (null: the type's default)
 
 
 @dataclass
@@ -378,6 +393,7 @@ class Config:
     resume: bool = False  # with run=<dir>: continue an interrupted run from its last checkpoint, in the same directory
     seed: int = bounded(42, ge=0, le=MAX_SEED)
     tag: Optional[str] = None  # appended to the run directory name
+    quantize: str = choice("none", "none", "int8", "nf4", "fp4")  # inference modes load the model through bitsandbytes
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -393,6 +409,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -462,8 +479,10 @@ CHECKED_NODES = {
     "serve": SERVING_NODES, "chat": SERVING_NODES, "webui": SERVING_NODES,
     "predict": (*SERVING_NODES, "predict"),
     "merge": ("merge",),
+    "export": ("export",),
     "eval": ("model", "template", "hardware", "eval"),
     "compare": ("compare",),
+    "preview": ("model", "data", "method", "lora", "deepspeed", "hardware", "template"),  # the training setup, no model loaded
 }
 
 
@@ -543,6 +562,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("hardware=t4 has no bf16 support: use hardware.dtype=fp16 (or fp32).")
     if hw.device == "cpu" and hw.dtype == "fp16":
         raise ConfigError("hardware.dtype=fp16 needs a GPU: use fp32 or bf16 on the CPU.")
+    if cfg.get("quantize", "none") != "none":
+        raise ConfigError(f"quantize={cfg.quantize} is for the inference modes (serve, chat, predict, webui, eval); "
+                          "to train on a quantised base use lora=qlora.")
     if lora.quantization and lora.name == "none":
         raise ConfigError("lora.quantization needs an adapter: use lora=qlora (or lora=lora with lora.quantization).")
     if lora.quantization and importlib.util.find_spec("bitsandbytes") is None:

@@ -17,7 +17,7 @@ Mode = Callable[..., dict]
 MODES: dict[str, Mode] = {}
 # Modules whose import files the modes; kept lazy so composing a config never imports torch.
 MODE_MODULES = ("medgpt.stages.merge", "medgpt.stages.pipeline", "medgpt.serving.modes", "medgpt.tracking.compare",
-                "medgpt.evaluation.modes")
+                "medgpt.evaluation.modes", "medgpt.export.modes", "medgpt.stages.preview")
 
 
 def available() -> list[str]:

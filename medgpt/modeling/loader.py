@@ -1,4 +1,4 @@
-"""Load a tokenizer and a causal LM the way `hardware` and `lora` ask: device, dtype, attention, 4/8-bit.
+"""Load a tokenizer and a causal LM the way `hardware`, `lora` and `quantize` ask: device, dtype, attention, 4/8-bit.
 
 `model.name_or_path` is an embedded name (tiny, smollm2-135m), a local directory, or a hub id. A hub
 id is first looked up in the local Hugging Face cache; without a network it fails with one sentence
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from medgpt.errors import ModelError
+from medgpt.errors import ConfigError, ModelError
 from medgpt.modeling.embedded import EMBEDDED, embedded_path
 from medgpt.modeling.precision import DTYPES, auto_dtype, cuda_bf16_native, resolve_precision, trainer_flags
 
@@ -117,15 +117,31 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+QUANTIZE = ("int8", "nf4", "fp4")  # the inference key `quantize`; lora.quantization's 8bit / 4bit are int8 / nf4 + double quant
+
+
+def require_bitsandbytes(kind: str, device: str, key: str = "quantize") -> None:
+    """One sentence (ConfigError) when bitsandbytes is missing or has no backend for `device`."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{key}={kind} needs bitsandbytes: pip install 'bitsandbytes>=0.49' (or {key}=none).")
+    import bitsandbytes
+
+    backends = sorted(getattr(bitsandbytes, "supported_torch_devices", {"cuda", "cpu"}))
+    if device not in backends:
+        raise ConfigError(f"{key}={kind}: bitsandbytes {bitsandbytes.__version__} has no {device} backend (it has: "
+                          f"{', '.join(backends)}); use hardware.device=cpu or {key}=none.")
+
+
 def quantization_config(kind: str | None, dtype: torch.dtype):
-    if not kind:
+    """transformers' BitsAndBytesConfig for int8 | nf4 | fp4 (inference) or 8bit | 4bit (QLoRA: NF4 + double quant)."""
+    if not kind or kind == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    if kind == "8bit":
+    if kind in ("8bit", "int8"):
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4" if kind == "fp4" else "nf4",
+                              bnb_4bit_use_double_quant=kind == "4bit", bnb_4bit_compute_dtype=dtype)
 
 
 def load_model(path: str, placement: Placement, quantization: str | None = None, trust_remote_code: bool = False,
@@ -143,6 +159,7 @@ def load_model(path: str, placement: Placement, quantization: str | None = None,
     kwargs = dict(dtype=placement.dtype, attn_implementation=placement.attn_implementation, trust_remote_code=trust_remote_code)
     if rope_scaling:
         kwargs["config"] = scaled_config(path, rope_scaling, trust_remote_code, revision)
+    quantization = None if quantization == "none" else quantization
     if quantization:
         kwargs["quantization_config"] = quantization_config(quantization, placement.dtype)
         kwargs["device_map"] = {"": 0} if placement.device == "cuda" else {"": placement.device}

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API (mode=serve): FastAPI over one engine.
 
-    GET  /v1/models                 the served model
+    GET  /v1/models                 the served model(s): several with mode=serve run=[dirA,dirB] (`model` picks one)
     POST /v1/chat/completions       messages -> answer (stream=true: Server-Sent Events); `tools` -> OpenAI `tool_calls`
                                     (medgpt.serving.tools; 400 when the template has no tool format)
     POST /v1/completions            raw prompt(s) -> continuation
@@ -147,9 +147,9 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     def models():
         a = loaded.artefacts
-        card = {"id": model_id, "object": "model", "created": created, "owned_by": "medgpt", "root": a.model_path,
-                "adapter": a.adapter_path, "template": a.template.name, "max_model_len": loaded.context_length}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "medgpt", "root": a.model_path,
+                                            "adapter": a.adapters.get(name, a.adapter_path), "template": a.template.name,
+                                            "max_model_len": loaded.context_length} for name in loaded.model_ids()]}
 
     if getattr(loaded.artefacts, "reward_model", False):  # a method=rm run: POST /v1/rewards; generation routes answer 400
         from medgpt.serving.rewards import mount_rewards
@@ -157,8 +157,8 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
         mount_rewards(app, loaded, require_key, metrics)  # before the routes below: the first match answers
 
     def params_for(body, prompt_len: int, prompt_param: str):
-        if body.model not in (None, "", model_id):
-            raise RequestError("model", f"model {body.model!r} is not served here (this server serves {model_id!r}).", 404,
+        if body.model not in (None, "", *loaded.model_ids()):
+            raise RequestError("model", f"model {body.model!r} is not served here (available: {', '.join(loaded.model_ids())}).", 404,
                                code="model_not_found")
         room = loaded.context_length - prompt_len
         if room <= 0:
@@ -188,7 +188,7 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
             raise RequestError("messages", f"messages: {e} (roles: {', '.join(ROLES)}; a system message may only come first).") from None
         params = params_for(body, len(ids), "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        handle = loaded.engine.submit(ids, params, loop=asyncio.get_running_loop())
+        handle = loaded.engine.submit(ids, params, loop=asyncio.get_running_loop(), adapter=loaded.adapter_for(body.model))
         return await respond(request, body, handle, rid, "chat.completion", time.monotonic(), tools)
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
@@ -199,7 +199,7 @@ def create_app(loaded, generation, api_key: str | None = None, max_tokens_limit:
         encoded = await run_in_threadpool(lambda: [loaded.text_ids(p) for p in prompts])
         params = [params_for(body, len(ids), "prompt") for ids in encoded]
         loop = asyncio.get_running_loop()
-        handles = [loaded.engine.submit(ids, p, loop=loop) for ids, p in zip(encoded, params)]
+        handles = [loaded.engine.submit(ids, p, loop=loop, adapter=loaded.adapter_for(body.model)) for ids, p in zip(encoded, params)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         return await respond(request, body, handles[0] if body.stream else handles, rid, "text_completion", time.monotonic())
 

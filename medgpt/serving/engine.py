@@ -6,19 +6,27 @@ sync or async, of `Delta`s — new text as it is decoded, the last one carrying 
 (stop | length | cancelled | error) and the token counts. `Handle.cancel()` stops the request and frees
 its slot (the API calls it when a client disconnects, mid-stream or while waiting for a whole answer).
 The engines themselves live in hf_engine.py (transformers, batching concurrent requests) and vllm_engine.py.
+
+Engines are registered declarations (`EngineSpec`): a name, the builder (a "module:function" path, imported
+only when that engine is used, or a callable) and an optional check that refuses, in one sentence, an
+engine that cannot run here before anything loads. `serve.engine` accepts the registered names (its
+config limit reads `engine_names()`), so a new engine is its module plus one `register_engine(...)` call.
+A request may name the adapter it wants (`submit(..., adapter=<name>)`) when the engine serves several
+runs' adapters on one base model (mode=serve run=[dirA,dirB]).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-from medgpt.errors import ModelError
+from medgpt.errors import ConfigError, ModelError
 
 _ids = itertools.count(1)
 
@@ -58,6 +66,7 @@ class Handle:
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop | None = None  # deltas go to an asyncio queue of this loop when set
+    adapter: str | None = None  # the served adapter this request uses (multi-adapter serving); None = the engine's default
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
@@ -116,8 +125,9 @@ class Engine(ABC):
     name: str = "engine"
 
     @abstractmethod
-    def submit(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None) -> Handle:
-        """Queue a request and return at once; the handle yields its deltas."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None,
+               adapter: str | None = None) -> Handle:
+        """Queue a request and return at once; the handle yields its deltas. `adapter`: which served adapter answers."""
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
         yield from self.submit(prompt_ids, params)
@@ -143,3 +153,53 @@ def sampling_params(generation, **overrides) -> SamplingParams:
     stop = values.pop("stop", ())
     values["top_k"] = max(0, int(values["top_k"]))  # OpenAI-style -1 means off, as 0 does
     return SamplingParams(stop=(stop,) if isinstance(stop, str) else tuple(stop), **values)
+
+
+# --- the engine registry ---------------------------------------------------------------------------------------
+
+Builder = Callable[..., Engine]  # (cfg, artefacts, tokenizer, stop_ids, stop_strings, max_batch_size) -> Engine
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A serving engine as a declaration; `serve.engine=<name>` picks it."""
+
+    name: str
+    build: str | Builder  # "module:function" (imported on use: composing a config imports no torch) or a callable
+    check: str | Callable[[object], None] | None = None  # (cfg) -> None; raises ConfigError when the engine cannot run here
+    description: str = ""
+
+
+ENGINES: dict[str, EngineSpec] = {}
+
+
+def register_engine(spec: EngineSpec) -> EngineSpec:
+    """File `spec` under its name (a second, different spec with the same name is refused)."""
+    if spec.name in ENGINES and ENGINES[spec.name] != spec:
+        raise ValueError(f"engine {spec.name!r} registered twice")
+    ENGINES[spec.name] = spec
+    return spec
+
+
+def engine_names() -> tuple[str, ...]:
+    return tuple(ENGINES)
+
+
+def engine_spec(name: str) -> EngineSpec:
+    if name not in ENGINES:
+        raise ConfigError(f"serve.engine={name!r} is not one of {', '.join(ENGINES)}.")
+    return ENGINES[name]
+
+
+def resolve_callable(ref: str | Callable) -> Callable:
+    """A callable, or the function a "module:function" path names."""
+    if callable(ref):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+register_engine(EngineSpec("hf", "medgpt.serving.hf_engine:build_engine",
+                           description="transformers; concurrent requests decoded together; bitsandbytes quantize; multi-adapter"))
+register_engine(EngineSpec("vllm", "medgpt.serving.vllm_engine:build_engine", "medgpt.serving.vllm_engine:check",
+                           description="vLLM on CUDA (pip install 'medgpt[gpu]'); paged attention, continuous batching"))

@@ -12,6 +12,10 @@ costs about the same for 1 row as for 8.
 `max_batch_size=0` (serve.max_batch_size's default) picks the batch size from the model and the memory:
 as many KV caches of min(context, 4096) tokens as fit beside the weights (CUDA: 90% of the device's
 memory; CPU: 70% of the available RAM), clamped to 8..64 (`auto_batch_size`).
+
+A PeftModel holding several adapters (mode=serve run=[dirA,dirB]) answers a mixed batch: each row's
+adapter goes to PEFT as `adapter_names` on every forward pass, so requests for different runs still
+share one batch and one base model.
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ class HFEngine(Engine):
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.2x renamed it
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        peft_config = getattr(model, "peft_config", None) or {}
+        self.adapters = list(peft_config) if len(peft_config) > 1 else []  # several served adapters: chosen per row
         self._inbox: queue.Queue = queue.Queue()
         self._rows: list[_Row] = []
         self._cache = None
@@ -151,8 +157,10 @@ class HFEngine(Engine):
         atexit.register(self.close)  # a daemon thread inside torch at interpreter exit aborts the process
 
     # --- the public side -------------------------------------------------------------------------
-    def submit(self, prompt_ids, params, loop=None) -> Handle:
-        handle = Handle(list(prompt_ids), params, loop)
+    def submit(self, prompt_ids, params, loop=None, adapter=None) -> Handle:
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"adapter {adapter!r} is not served by this engine (it serves: {', '.join(self.adapters) or 'none'})")
+        handle = Handle(list(prompt_ids), params, loop, adapter=adapter)
         self.counters["requests"] += 1
         self._inbox.put(handle)
         return handle
@@ -239,10 +247,11 @@ class HFEngine(Engine):
             out.append(item)
         return out
 
-    def _forward(self, input_ids, mask, cache):
+    def _forward(self, input_ids, mask, cache, rows: list[_Row]):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        extra = {"adapter_names": [r.handle.adapter or self.adapters[0] for r in rows]} if self.adapters else {}
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self._cache_kw: cache}, **self._keep)
+                         **{self._cache_kw: cache}, **self._keep, **extra)
         cache = getattr(out, self._cache_kw, None)
         return out.logits[:, -1, :].float(), cache if cache is not None else out.past_key_values
 
@@ -261,7 +270,7 @@ class HFEngine(Engine):
         mask = torch.tensor([[0] * (width - len(h.prompt_ids)) + [1] * len(h.prompt_ids) for h in live], device=self.device)
         rows = [_Row(h, self.stop_strings) for h in live]
         try:
-            logits, cache = self._forward(ids, mask, None)
+            logits, cache = self._forward(ids, mask, None, rows)
         except Exception as e:  # e.g. out of memory for a huge prompt: fail these requests, keep the running batch
             log.exception("prefill failed")
             for row in rows:
@@ -286,7 +295,7 @@ class HFEngine(Engine):
             return
         ids = torch.tensor([[r.last] for r in self._rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
-        logits, self._cache = self._forward(ids, self._mask, self._cache)
+        logits, self._cache = self._forward(ids, self._mask, self._cache, self._rows)
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += len(self._rows)
         self.counters["max_batch"] = max(self.counters["max_batch"], len(self._rows))
@@ -350,3 +359,12 @@ def _merge(cache, mask, new_cache, new_mask):
             setattr(old, name, torch.cat([a, b], dim=0))
     mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))], dim=0)
     return cache, mask
+
+
+def build_engine(cfg, artefacts, tokenizer, stop_ids: list[int], stop_strings: tuple[str, ...], max_batch_size: int) -> HFEngine:
+    """The `hf` entry of the engine registry: the model as medgpt.serving.loading loads it (quantize, adapters), batched."""
+    from medgpt.serving.loading import load_hf_model
+
+    model = load_hf_model(cfg, artefacts)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length or 2048)
+    return HFEngine(model, tokenizer, stop_ids, stop_strings, max_batch_size, cfg.serve.batch_wait_ms, context)

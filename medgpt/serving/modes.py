@@ -24,9 +24,10 @@ VLLM_AUTO_BATCH = 256  # vLLM's own max_num_seqs default: its paged KV cache (an
 
 
 def check_settings(cfg: DictConfig) -> None:
+    from medgpt.serving.engine import engine_spec
+
     s, g = cfg.serve, cfg.generation
-    if s.engine not in ("hf", "vllm"):
-        raise ConfigError(f"serve.engine={s.engine!r} is not one of hf, vllm.")
+    engine_spec(s.engine)  # a registered engine, or one sentence naming those there are
     if s.max_batch_size < 0 or s.batch_wait_ms < 0:
         raise ConfigError("serve.max_batch_size must be at least 1 (or 0: chosen from the model and the memory) "
                           "and serve.batch_wait_ms at least 0.")
@@ -74,6 +75,13 @@ def api_key(cfg: DictConfig) -> str | None:
     return cfg.serve.api_key or os.environ.get("MEDGPT_API_KEY") or None
 
 
+def require_key_off_loopback(host: str, key: str | None, host_key: str) -> None:
+    """Refuse to listen beyond this machine without an API key (the Docker image listens on 0.0.0.0)."""
+    if host not in LOCAL_HOSTS and not key:
+        raise ConfigError(f"{host_key}={host} is reachable from the network and no API key is set: set serve.api_key=<key> or "
+                          f"the MEDGPT_API_KEY environment variable (or listen on 127.0.0.1).")
+
+
 @register("serve")
 def serve(cfg: DictConfig, log_dir: Path) -> dict:
     import uvicorn
@@ -81,9 +89,8 @@ def serve(cfg: DictConfig, log_dir: Path) -> dict:
     from medgpt.serving.api import create_app
 
     host, port, key = cfg.serve.host, cfg.serve.port, api_key(cfg)
+    require_key_off_loopback(host, key, "serve.host")
     _check_port(host, port, "serve.port")
-    if host not in LOCAL_HOSTS and not key:
-        log.warning("serving on %s without an API key: anyone on the network can use it (set serve.api_key or MEDGPT_API_KEY)", host)
     loaded = _load(cfg, "serve")
     app = create_app(loaded, cfg.generation, key, cfg.serve.max_tokens_limit, cfg.serve.max_body_kb)
     shown = f"[{host}]" if ":" in host else host

@@ -5,6 +5,8 @@ refuses with one sentence. vLLM does its own continuous batching and paged atten
 or model/ folder is served directly; an adapter/ is applied to the base model as a LoRA request
 (vLLM reads PEFT adapters; modules_to_save layers are not supported by it — merge the run first).
 Prompts arrive as token ids rendered with the run's template, exactly as for the hf engine.
+Several runs' adapters (mode=serve run=[dirA,dirB]) become one LoRA request each, picked per request.
+`quantize=nf4` asks vLLM for its bitsandbytes in-flight 4-bit loading; int8 and fp4 are refused here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,20 @@ from medgpt.errors import ConfigError, ModelError
 from medgpt.serving.engine import Delta, Engine, Handle
 
 INSTALL = "serve.engine=vllm needs vLLM on a CUDA machine: pip install 'medgpt[gpu]' there, or use serve.engine=hf."
+
+
+def check(cfg) -> None:
+    """The registry's check: vLLM imports, and `quantize` is one vLLM can load."""
+    require_vllm()
+    quantize = cfg.get("quantize", "none")
+    if quantize not in (None, "none", "nf4"):
+        raise ConfigError(f"quantize={quantize} with serve.engine=vllm: vLLM loads bitsandbytes 4-bit (quantize=nf4) only; "
+                          "use quantize=nf4 or serve.engine=hf.")
+
+
+def build_engine(cfg, artefacts, tokenizer, stop_ids: list[int], stop_strings: tuple[str, ...], max_batch_size: int):
+    """The `vllm` entry of the engine registry."""
+    return VLLMEngine(artefacts, stop_ids, stop_strings, cfg)
 
 
 def require_vllm():
@@ -39,11 +55,16 @@ class VLLMEngine(Engine):
         args = dict(model=artefacts.model_path, tokenizer=artefacts.tokenizer_path, dtype=dtype,
                     gpu_memory_utilization=cfg.serve.gpu_memory_utilization, max_num_seqs=max(cfg.serve.max_batch_size, 1),
                     trust_remote_code=artefacts.trust_remote_code)
-        self.lora = None
-        if artefacts.adapter_path:
-            rank = json.loads((Path(artefacts.adapter_path) / "adapter_config.json").read_text()).get("r", 16)
-            args.update(enable_lora=True, max_lora_rank=max(8, 1 << (int(rank) - 1).bit_length()), max_loras=1)  # vLLM wants 8, 16, 32, ...
-            self.lora = LoRARequest("adapter", 1, artefacts.adapter_path)
+        if cfg.get("quantize", "none") == "nf4":
+            args.update(quantization="bitsandbytes")
+        self.lora, self.loras = None, {}
+        adapters = dict(artefacts.adapters) or ({"adapter": artefacts.adapter_path} if artefacts.adapter_path else {})
+        if adapters:
+            rank = max(json.loads((Path(p) / "adapter_config.json").read_text()).get("r", 16) for p in adapters.values())
+            args.update(enable_lora=True, max_lora_rank=max(8, 1 << (int(rank) - 1).bit_length()),  # vLLM wants 8, 16, 32, ...
+                        max_loras=len(adapters))
+            self.loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
+            self.lora = next(iter(self.loras.values()))
         self.counters = {"requests": 0, "finished": 0, "cancelled": 0, "generated_tokens": 0}
         self._running = 0
         self._loop = asyncio.new_event_loop()
@@ -68,8 +89,10 @@ class VLLMEngine(Engine):
                 continue
         return None
 
-    def submit(self, prompt_ids, params, loop=None) -> Handle:
-        handle = Handle(list(prompt_ids), params, loop)
+    def submit(self, prompt_ids, params, loop=None, adapter=None) -> Handle:
+        if adapter is not None and adapter not in self.loras:
+            raise ValueError(f"adapter {adapter!r} is not served by this engine (it serves: {', '.join(self.loras) or 'none'})")
+        handle = Handle(list(prompt_ids), params, loop, adapter=adapter)
         self.counters["requests"] += 1
         asyncio.run_coroutine_threadsafe(self._run(handle), self._loop)
         return handle
@@ -83,7 +106,8 @@ class VLLMEngine(Engine):
         rid, sent, n, prompt_len = f"medgpt-{handle.id}", 0, 0, len(handle.prompt_ids)
         self._running += 1
         try:
-            async for out in self._engine.generate({"prompt_token_ids": handle.prompt_ids}, sampling, rid, lora_request=self.lora):
+            async for out in self._engine.generate({"prompt_token_ids": handle.prompt_ids}, sampling, rid,
+                                                       lora_request=self.loras.get(handle.adapter, self.lora)):
                 if handle.cancelled.is_set():
                     await self._engine.abort(rid)
                     self.counters["cancelled"] += 1
