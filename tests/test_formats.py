@@ -239,7 +239,7 @@ def test_a_format_registered_in_a_test_loads_with_no_other_change(tmp_path):
 
 def test_data_format_choice_and_formats_read_the_registry():
     from medgpt.config import DataConfig, limits_of
-    from medgpt.data.formats import FORMATS, _REGISTRY
+    from medgpt.data.formats import _REGISTRY, FORMATS
 
     limits = limits_of(next(f for f in dataclasses.fields(DataConfig) if f.name == "format"))
     assert tuple(limits.names()) == ("auto", *_REGISTRY) and tuple(FORMATS) == tuple(_REGISTRY)

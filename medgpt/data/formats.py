@@ -365,15 +365,17 @@ class LoadReport:
     records: int = 0
     skipped: int = 0
     first_error: str | None = None
+    format: str | None = None  # the format used (data.format, or detected from the first readable record)
 
 
 def iter_records(raws: Iterable[tuple[str, Any]], fmt: str, columns: dict, on_error: str, system_prompt: str | None,
-                 report: LoadReport) -> Iterator[tuple[Record, str]]:
-    """(record, format) for each ("file:line", raw) pair; `auto` is decided by the first readable record."""
+                 report: LoadReport) -> Iterator[Record]:
+    """The record of each ("file:line", raw) pair; `auto` is decided by the first readable record (report.format)."""
+    fmt = report.format or fmt
     for where, raw in raws:
         try:
             if fmt == "auto" and not isinstance(raw, DataError):
-                fmt = detect_format(raw, where)
+                fmt = report.format = detect_format(raw, where)
             rec = normalise(raw, fmt, where, columns, system_prompt)
         except DataError as e:
             if on_error != "skip":
@@ -382,7 +384,8 @@ def iter_records(raws: Iterable[tuple[str, Any]], fmt: str, columns: dict, on_er
             report.first_error = report.first_error or str(e)
             continue
         report.records += 1
-        yield rec, fmt
+        report.format = fmt
+        yield rec
 
 
 def load_records(files: list[Path], fmt: str = "auto", columns: dict | None = None, on_error: str = "fail",
@@ -394,7 +397,7 @@ def load_records(files: list[Path], fmt: str = "auto", columns: dict | None = No
     for path in files:
         before = len(records)
         raws = ((f"{path}:{line}", raw) for line, raw in iter_raw(path))
-        for rec, fmt in iter_records(raws, fmt, columns, on_error, system_prompt, report):
+        for rec in iter_records(raws, fmt, columns, on_error, system_prompt, report):
             records.append(rec)
             if limit is not None and len(records) >= limit:
                 break
@@ -408,7 +411,7 @@ def load_records(files: list[Path], fmt: str = "auto", columns: dict | None = No
     if report.skipped:
         log.warning("skipped %d malformed records (data.on_error=skip); first: %s", report.skipped, report.first_error)
     report.records = len(records)
-    return records, report, fmt
+    return records, report, report.format or fmt
 
 
 def format_choices() -> tuple[str, ...]:

@@ -22,8 +22,8 @@ import logging
 import multiprocessing
 import os
 import random
-from collections.abc import Callable, Iterable
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -138,15 +138,15 @@ def _unique_names(sources: list[Source]) -> list[str]:
     return names
 
 
-def _read(source: Source, fmt: str, data: DictConfig, limit: int | None, report: LoadReport, sink: Callable[[Record], None]) -> tuple[str, int]:
-    """Normalise a source's records into `sink` (at most `limit`); (the format seen, records kept)."""
+def _read(source: Source, fmt: str, data: DictConfig, limit: int | None, report: LoadReport, sink: Callable[[Record], None]) -> str:
+    """Normalise a source's records into `sink` (at most `limit`); returns the format seen."""
     kept = 0
-    for rec, fmt in iter_records(source_rows(source), fmt, dict(data.columns), data.on_error, data.system_prompt, report):
+    for rec in iter_records(source_rows(source), fmt, dict(data.columns), data.on_error, data.system_prompt, report):
         sink(rec)
         kept += 1
         if limit is not None and kept >= limit:
             break
-    return fmt, kept
+    return report.format or fmt
 
 
 def load_sources(data: DictConfig, root: Path, seed: int, workdir: Path) -> LoadedRecords:
@@ -157,7 +157,7 @@ def load_sources(data: DictConfig, root: Path, seed: int, workdir: Path) -> Load
     out = RecordFile(workdir / "train-records.arrow")
     bounds = [0]
     for source in sources:
-        fmt, _ = _read(source, fmt, data, data.max_samples, report, out.append)
+        fmt = _read(source, fmt, data, data.max_samples, report, out.append)
         bounds.append(out.count)
     table = out.close()
     if not out.count:
@@ -273,7 +273,8 @@ def cache_settings(cfg: DictConfig, kind: str, template, tokenizer_fp: str) -> d
     d = cfg.data
     hub = [s.hub_id for key in ("train_files", "eval_files") for s in resolve_sources(list(d[key]), Path(cfg.paths.root)) if s.hub_id]
     return {"kind": kind, "format": d.format, "columns": dict(d.columns), "max_samples": d.max_samples, "eval_split": d.eval_split,
-            "mix": OmegaConf.to_container(d.mix) if isinstance(d.mix, DictConfig) else d.mix, "mix_by": d.mix_by, "hub": hub, "sources": [list(d.train_files), list(d.eval_files)],
+            "mix": OmegaConf.to_container(d.mix) if isinstance(d.mix, DictConfig) else d.mix, "mix_by": d.mix_by, "hub": hub,
+            "sources": [list(d.train_files), list(d.eval_files)],
             "system_prompt": d.system_prompt, "seed": cfg.seed, "template": template.__dict__, "tokenizer": tokenizer_fp,
             "method": {k: v for k, v in cfg.method.items() if k in ("max_length", "max_prompt_length", "train_on_inputs", "packing",
                                                                      "drop_last_block")}}
