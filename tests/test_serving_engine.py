@@ -120,3 +120,48 @@ def test_a_failing_prefill_fails_its_request_only_and_close_answers_everyone(loa
     next(running)
     engine.close()  # a request still running when the engine closes is answered, not left hanging
     assert list(running)[-1].finish_reason == "cancelled" and engine.stats()["errors"] == 1
+
+
+def test_a_registered_engine_is_selectable_with_no_other_change(tmp_path):
+    """issue 8: an engine is a declaration; registering one makes serve.engine=<name> valid and load() builds it."""
+    from conftest import ROOT, compose
+
+    from medgpt.config import validate
+    from medgpt.errors import ConfigError
+    from medgpt.serving.engine import ENGINES, Completion, Engine, EngineSpec, register_engine
+    from medgpt.serving.loading import load
+
+    class Echo(Engine):
+        name = "echo"
+        context_length = 64
+
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def submit(self, prompt_ids, params, loop=None, adapter=None):
+            raise NotImplementedError
+
+        def generate(self, prompts, params):
+            return [Completion(self.tokenizer.decode(p[-3:]), "stop", len(p), 3) for p in prompts]
+
+    built = {}
+
+    def build(cfg, artefacts, tokenizer, stop_ids, stop_strings, max_batch_size):
+        built.update(model=artefacts.model_path, batch=max_batch_size, stops=stop_strings)
+        return Echo(tokenizer)
+
+    cfg = compose(["mode=serve", "model=tiny", f"paths.root={ROOT}", "serve.engine=echo", "serve.max_batch_size=3"])
+    with pytest.raises(ConfigError, match="serve.engine='echo' is not one of hf, vllm"):
+        validate(cfg)
+    register_engine(EngineSpec("echo", build, description="test engine"))
+    try:
+        validate(cfg)
+        loaded = load(cfg)
+        assert loaded.engine.name == "echo" and loaded.context_length == 64 and built["batch"] == 3
+        assert built["model"].endswith("tiny-v1") and built["stops"] == ("<|im_end|>",)
+        ids = loaded.chat_ids([{"role": "user", "content": "hi"}])
+        assert loaded.engine.generate([ids], greedy(3))[0].text == loaded.tokenizer.decode(ids[-3:])
+    finally:
+        ENGINES.pop("echo")
+    with pytest.raises(ConfigError, match="serve.engine='echo' is not one of hf, vllm"):
+        validate(cfg)
