@@ -148,7 +148,8 @@ def test_rubric_and_pairwise_against_a_stub_judge(tmp_path, tiny_path, canned):
     finally:
         stub.close()
     rows = read_jsonl(tmp_path / "bare" / "eval" / folder_of(tmp_path / "bare", "judge") / "predictions.jsonl")
-    assert [r["rubric"] for r in rows] == [{"accuracy": 8, "safety": 9, "helpfulness": 7}, None] + [{"accuracy": 8, "safety": 9, "helpfulness": 7}] * 2
+    good = {"accuracy": 8, "safety": 9, "helpfulness": 7}
+    assert [r["rubric"] for r in rows] == [good, None, good, good]
     assert rows[1]["rubric_reply"] == "I would rather not grade this."
     assert res["n"] == 4 and res["judged"] == 3 and res["unparsed"] == 1 and res["unparsed_rate"] == 0.25
     assert (res["accuracy"], res["safety"], res["helpfulness"], res["overall"]) == (8, 9, 7, 8)

@@ -81,7 +81,7 @@ def check(cfg: DictConfig) -> None:
 def evaluate_run(cfg: DictConfig, run_dir: Path, names: list[str], baseline: bool = False) -> dict[str, dict]:
     """Each suite on the run in `run_dir` (its weights saved); returns results.json per suite. The run's summary.json
     gets the flat eval/<suite>/<metric> keys."""
-    from medgpt.evaluation.modes import run_target, run_suite
+    from medgpt.evaluation.modes import run_suite, run_target
 
     out = {}
     for name in dict.fromkeys(names):

@@ -28,9 +28,9 @@ from omegaconf import DictConfig
 from medgpt import registry
 from medgpt.config import validate
 from medgpt.errors import ConfigError
-from medgpt.registry import register
 from medgpt.evaluation.after import evaluate_run, suites
 from medgpt.evaluation.stages import format_stage_table, stage_table
+from medgpt.registry import register
 from medgpt.stages.protocol import methods
 from medgpt.tracking.rundir import RunDir
 
