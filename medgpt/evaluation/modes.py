@@ -74,6 +74,8 @@ def run_suite(cfg: DictConfig, target: Target, log_dir: Path | None = None, load
     suite = suite_module(e.name)
     data = suite.prepare(e, root)  # a bad file or record stops here, before any model is loaded
     settings = {**suite.settings(e, root), "template": cfg.template.name}
+    if cfg.get("quantize", "none") != "none":  # quantize=int8|nf4|fp4 answers differently: its own eval/<suite>-<hash>/ folder
+        settings["quantize"] = cfg.quantize
     try:
         defaults = {**suite.settings(default_node(e.name), root), "template": "auto"}
     except ConfigError:  # the suite's default files are gone: every folder gets a hash
