@@ -59,10 +59,11 @@ def preview(cfg: DictConfig, run_dir: Path) -> dict:
             continue
         seqs = [s for row in rows for s in sequences(row, tokenizer)]
         lengths[name] = [len(ids) for _, ids, _ in seqs]
-        stats = {k: v for k, v in (data.stats.get(name) or {}).items() if isinstance(v, int | float)}
-        summary["splits"][name] = {**stats, "rows": len(rows), "sequences": len(seqs), "tokens_total": sum(lengths[name]),
-                                   "trained_tokens_total": sum(sum(1 for t in labels if t != IGNORE) for _, _, labels in seqs),
-                                   "longest": max(lengths[name])}
+        ours = {"rows": len(rows), "sequences": len(seqs), "tokens_total": sum(lengths[name]),
+                "trained_tokens_total": sum(sum(1 for t in labels if t != IGNORE) for _, _, labels in seqs), "longest": max(lengths[name])}
+        stats = {k: v for k, v in (data.stats.get(name) or {}).items()  # the builder's counts, less those equal to our totals
+                 if isinstance(v, int | float) and not (k in ("tokens", "trained_tokens") and v == ours[f"{k}_total"])}
+        summary["splits"][name] = {**stats, **ours}
     out = Path(run_dir) / "preview"
     out.mkdir(parents=True, exist_ok=True)
     summary["length_hist"] = str(length_histogram(lengths, cfg.method.max_length, out / "length_hist.png", stage.name))
