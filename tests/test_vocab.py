@@ -91,10 +91,10 @@ def trained(tiny_path, tmp_path_factory):
     peft = apply_adapter(model, cfg.lora, cfg.model, trainable_token_indices=trainable_rows(model, list(new)))
     record_base_changes(peft, base_changes(len(tok), new, None))
     torch.manual_seed(0)
-    x = torch.tensor([tok("糖尿病" * 12, add_special_tokens=False)["input_ids"]])
-    opt = torch.optim.Adam([p for p in peft.parameters() if p.requires_grad], lr=0.05)
+    x = torch.tensor([tok("糖尿病" * 8, add_special_tokens=False)["input_ids"]])
+    opt = torch.optim.Adam([p for p in peft.parameters() if p.requires_grad], lr=0.1)
     peft.train()
-    for _ in range(15):
+    for _ in range(8):
         opt.zero_grad()
         peft(input_ids=x, labels=x).loss.backward()
         opt.step()
@@ -216,11 +216,12 @@ def test_token_survives_train_merge_serve_through_launch(tmp_path):
     (tmp_path / "tokens.txt").write_text("糖尿病\nthe\n")
     run = tmp_path / "run"
     res = launch("model=tiny", "debug=smoke", f"data.train_files=[{data}]", "data.eval_split=0.2", f"hydra.run.dir={run}",
-                 f"model.add_tokens_file={tmp_path / 'tokens.txt'}", "method.learning_rate=0.05")
+                 f"model.add_tokens_file={tmp_path / 'tokens.txt'}", "method.learning_rate=0.05", "model.rope_scaling=linear")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "1 already one token of the vocabulary, skipped: 'the'" in res.stderr + res.stdout
     changes = json.loads((run / "adapter" / BASE_CHANGES).read_text())
     assert changes["vocab_size"] == 49153 and list(changes["new_token_rows"]) == ["49152"]
+    assert changes["rope_scaling"] == {"type": "linear", "factor": 2.0}
     assert (run / "adapter" / "adapter_model.safetensors").stat().st_size < 400_000
     res = launch("mode=merge", f"run={run}", f"hydra.run.dir={tmp_path / 'merge'}")
     assert res.returncode == 0 and "greedy outputs equal: True" in res.stdout, res.stderr[-3000:]
@@ -230,3 +231,17 @@ def test_token_survives_train_merge_serve_through_launch(tmp_path):
     assert tok("糖尿病", add_special_tokens=False)["input_ids"] == [49152]
     model = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32)
     assert model.get_input_embeddings().weight.shape[0] == 49153
+    assert model.config.rope_parameters["rope_type"] == "linear" and model.config.max_position_embeddings == 4096
+    import shutil
+
+    from medgpt.serving.loading import load
+
+    adapter_only = tmp_path / "adapter-only"
+    shutil.copytree(run, adapter_only, ignore=shutil.ignore_patterns("merged", "checkpoints"))
+    for served, weights in ((run, "merged"), (adapter_only, "adapter")):  # both see the same vocabulary and context
+        loaded = load(compose(["model=tiny", f"run={served}", f"paths.root={ROOT}"]))
+        try:
+            assert loaded.artefacts.weights == weights and loaded.context_length == 4096
+            assert loaded.text_ids("糖尿病") == [49152]
+        finally:
+            loaded.engine.close()
