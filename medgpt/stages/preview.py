@@ -135,12 +135,9 @@ def length_histogram(lengths: dict[str, list[int]], max_length: int, path: Path,
     for name, values in lengths.items():
         ax.hist(values, bins=bins, alpha=0.6, label=f"{name} ({len(values)} sequences)")
     ax.axvline(max_length, color="tab:red", linestyle="--", label=f"method.max_length = {max_length}")
-    ax.set_xlabel("tokens per sequence")
-    ax.set_ylabel("sequences")
-    ax.set_title(f"token lengths · method={method}")
+    ax.set(xlabel="tokens per sequence", ylabel="sequences", title=f"token lengths · method={method}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
