@@ -11,11 +11,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import compose, read_jsonl, write_jsonl
+from conftest import ROOT, compose, read_jsonl, write_jsonl
 from test_eval import eval_cfg, fake_run, folder_of
 
 from medgpt.errors import ConfigError
-from medgpt.evaluation import generation, judge
+from medgpt.evaluation import after, generation, judge
 from medgpt.evaluation.judge_client import JudgeUnavailable, parse_rubric, parse_winner
 from medgpt.evaluation.modes import evaluate
 from medgpt.serving.engine import Completion
@@ -201,8 +201,12 @@ def test_an_unreachable_judge_is_one_sentence_and_keeps_what_was_judged(tmp_path
 
 
 def test_judge_settings_are_checked_and_name_the_folder(tmp_path):
+    from medgpt.config import validate
+
     with pytest.raises(ConfigError, match=r"^eval\.judge\.concurrency=0 is invalid"):
-        judge.settings(judge_cfg("http://x/v1", "eval.judge.concurrency=0").eval, tmp_path)
+        validate(judge_cfg("http://x/v1", "eval.judge.concurrency=0"))
+    with pytest.raises(ConfigError, match=r"^eval\.judge\.temperature=3.0 is invalid"):
+        after.check(compose(["model=tiny", f"paths.root={ROOT}", "eval=judge", "eval.after=[judge]", "eval.judge.temperature=3"]))
     with pytest.raises(ConfigError, match=r"^eval\.against=nowhere is not a run directory"):
         evaluate(judge_cfg("http://x/v1", "eval.against=nowhere"), tmp_path / "bare")
     a = judge.settings(judge_cfg("http://a/v1", held_out(tmp_path)).eval, tmp_path)

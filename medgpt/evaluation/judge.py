@@ -59,10 +59,7 @@ def against_run(e, root: Path) -> Path | None:
 
 
 def settings(e, root: Path) -> dict:
-    from medgpt.config import JudgeConfig, check_fields
-
-    check_fields(e.judge, JudgeConfig, "eval.judge.")
-    j = e.judge
+    j = e.judge  # its values are checked by medgpt.config.validate (mode=eval) and medgpt.evaluation.after.check
     against = against_run(e, root)
     return {**generation.settings(e, root), "judge": {"base_url": j.base_url, "model": j.model, "temperature": j.temperature,
                                                       "max_tokens": j.max_tokens, "prompts": PROMPTS_VERSION},

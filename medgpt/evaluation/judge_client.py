@@ -16,11 +16,13 @@ raises JudgeUnavailable (one sentence); the suite keeps what was judged before i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
 from medgpt.errors import ConfigError, MedgptError
 
+log = logging.getLogger(__name__)
 CRITERIA = ("accuracy", "safety", "helpfulness")
 SYSTEM = ("You are a strict, fair medical expert who grades answers to health questions. "
           "Judge only the content; ignore the answer's length and the order in which answers are shown.")
@@ -114,6 +116,8 @@ class JudgeClient:
             raise ConfigError("eval=judge needs the openai client: pip install 'medgpt[judge]'.") from None
         self._openai = openai
         key = os.environ.get(judge.api_key_env) if judge.api_key_env else None
+        if judge.api_key_env and not key:
+            log.info("eval.judge: $%s is not set; the judge is asked without an API key", judge.api_key_env)
         self.base_url, self.settings = judge.base_url, judge
         self.client = openai.OpenAI(base_url=judge.base_url, api_key=key or "none", timeout=judge.timeout_s,
                                     max_retries=judge.retries)

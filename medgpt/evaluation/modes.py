@@ -1,4 +1,4 @@
-"""mode=eval: `python launch.py mode=eval run=<dir>|latest eval=mcq|generation [eval.<key>=...]`, or `model=<name>`
+"""mode=eval: `python launch.py mode=eval run=<dir>|latest eval=mcq|generation|judge [eval.<key>=...]`, or `model=<name>`
 without `run=` for an untrained model.
 
     run=<dir>   results go to <run>/eval/<folder>/ (a pipeline's root: its last stage). Only completed runs are
@@ -8,15 +8,19 @@ without `run=` for an untrained model.
                 (Hydra's train.log) goes into that eval folder too, so no stray outputs/ directory is left.
     model=<m>   results go to the Hydra run directory (outputs/<date>/<time>-eval-<model>/ or hydra.run.dir), which
                 gets config.yaml and eval/<folder>/ (never a summary.json: it is not a training run).
+    eval.baseline=true   (run=<dir> only) also the run's starting model, in eval/<folder>/baseline/, and a paired
+                test of the difference in results.json (medgpt.evaluation.baseline).
 
 <folder> is the suite's name for its default settings, else `<suite>-<hash of the settings>` (medgpt.evaluation.folder).
-A suite is a module with the same few functions (mcq.py, generation.py):
+A suite is a module with the same few functions (mcq.py, generation.py, judge.py):
     settings(e, root) -> dict          what changes its predictions (names the folder; recorded in results.json)
     prepare(e, root) -> data           the questions (`data.items`, each with an `id`) and `data.files`; raises on bad data
     predict(loaded, cfg, data, todo, write, bar) -> dict   scores `todo` (e = cfg.eval), `write(rows)` per batch; extra counters
     metrics(rows, e) -> dict           over every row of the folder; flat(metrics) -> summary values; describe(m) -> str
-Questions already in predictions.jsonl are skipped, so an interrupted evaluation continues where it stopped.
-`run_suite(cfg, target, loaded=...)` runs a suite on a model already in memory (for an evaluation after training).
+    per_question(row) -> float | None  a row's paired score (eval.baseline, the pipeline's table); MAIN: the main metric
+Questions already in predictions.jsonl are skipped, so an interrupted evaluation continues where it stopped; a user
+error while predicting (an unreachable judge) still writes results.json over the rows done, marked `incomplete`.
+`run_suite(cfg, target, summary=True)` is how a run evaluates itself after training (medgpt.evaluation.after).
 """
 
 from __future__ import annotations
