@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,61 @@ def compose(overrides: list[str] | None = None):
         return hydra_compose(config_name="config", overrides=overrides or [])
 
 
-def launch(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python launch.py args...` from the project root; returns the finished process (never raises)."""
-    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | (env or {})  # errors as users see them
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
+def launch(*args: str, timeout: int = 300, env: dict | None = None, subprocess_only: bool = False) -> subprocess.CompletedProcess:
+    """Run `python launch.py args...` from the project root; returns the finished process (never raises).
+
+    In this process by default (a fresh interpreter costs ~9 s of CPU importing torch and transformers, and the fast
+    suite launches ~80 runs); in a child process with `subprocess_only=True` (signals, import-time environment,
+    first-time warnings) or when called from a worker thread (concurrent runs share no Hydra state).
+    """
+    if subprocess_only or threading.current_thread() is not threading.main_thread():
+        full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | (env or {})  # errors as users see them
+        return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env=full_env)
+    return launch_in_process(*args, env=env)
+
+
+def launch_in_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python launch.py args...` inside this interpreter, with stdout/stderr captured and global state restored."""
+    import io
+    import logging
+    import signal
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from medgpt.cli import main
+
+    saved = (sys.argv, dict(os.environ), os.getcwd(), logging.getLogger().handlers[:], logging.getLogger().level,
+             {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)})
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    os.environ.update(env or {})
+    sys.argv = ["launch.py", *args]
+    os.chdir(ROOT)
+    out, err = io.StringIO(), io.StringIO()
+    code: object = 0
+    GlobalHydra.instance().clear()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        GlobalHydra.instance().clear()
+        argv, environ, cwd, handlers, level, signals = saved
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        root = logging.getLogger()
+        for h in root.handlers:
+            if h not in handlers:
+                h.close()
+        root.handlers, root.level = handlers, level
+        for s, h in signals.items():
+            signal.signal(s, h)
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(["launch.py", *args], returncode, out.getvalue(), err.getvalue())
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -14,7 +14,8 @@ def test_smoke_run_prints_no_noise_and_ends_with_a_table(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [dialogue(i) for i in range(16)])
     run = tmp_path / "run"
     res = launch("model=tiny", "debug=smoke", f"data.train_files=[{data}]", "data.eval_files=[]", "data.eval_split=0.25",
-                 "method.max_steps=4", "method.sample_questions=0", f"hydra.run.dir={run}")
+                 "method.max_steps=4", "method.sample_questions=0", f"hydra.run.dir={run}",
+                 subprocess_only=True)  # a fresh interpreter: a warning shown once per process must not be hidden by earlier tests
     out = res.stdout + res.stderr
     assert res.returncode == 0, res.stderr[-2000:]
     assert "FutureWarning" not in out and "Setting accelerator" not in out
