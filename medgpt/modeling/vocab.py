@@ -6,7 +6,7 @@ tokens before the data is tokenised, so the training data already uses them. The
 to the new vocabulary (only when the tokenizer outgrows it: models whose matrix has spare rows keep their
 size) and each new row starts as the mean of the rows of the sub-tokens the old tokenizer split the token
 into; an untied output matrix gets the same mean of its own rows. With an adapter, only the new rows train:
-PEFT's `trainable_token_indices` (peft >= 0.15), which keeps a tied lm_head tied to the embedding (both read
+PEFT's `trainable_token_indices` (in the pinned peft >= 0.17; checked on 0.21), which keeps a tied lm_head tied to the embedding (both read
 the same trained rows) and stores just those rows in the adapter. `lora.modules_to_save=[embed_tokens, ...]`
 trains the whole matrices instead (every row changes, and the adapter holds them in full). Full fine-tuning
 (lora=none) trains every weight, new rows included.
