@@ -64,9 +64,7 @@ def require_exportable(run: RunDir) -> None:
 
 def load_source(run: RunDir, trust_remote_code: bool = False):
     """(fp32 model, tokenizer, template, source description) for the run's weights; an adapter is merged in memory."""
-    from transformers import AutoModelForCausalLM
-
-    from medgpt.modeling.loader import load_tokenizer
+    from medgpt.modeling.loader import Placement, load_model, load_tokenizer
 
     found = run.weights()
     if found is None:
@@ -75,7 +73,9 @@ def load_source(run: RunDir, trust_remote_code: bool = False):
     base = run.base_model_path() if kind == "adapter" else str(folder)
     tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").exists() else base, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        # an adapter's base reshaped as training reshaped it (added tokens, RoPE scaling: adapter/medgpt_base.json)
+        model = load_model(base, Placement("cpu", torch.float32, "sdpa"), trust_remote_code=trust_remote_code,
+                           adapter=str(folder) if kind == "adapter" else None)
         if kind == "adapter":
             from peft import PeftModel
 
