@@ -245,3 +245,25 @@ def test_token_survives_train_merge_serve_through_launch(tmp_path):
             assert loaded.text_ids("糖尿病") == [49152]
         finally:
             loaded.engine.close()
+
+
+def test_an_untied_output_matrix_gets_its_own_mean_rows_and_trains_them():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medgpt.modeling.adapters import apply_adapter
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    inputs, outputs = model.get_input_embeddings().weight.detach().clone(), model.lm_head.weight.detach().clone()
+    add_token_rows(model, 102, {100: [3, 4], 101: [5, 6, 7]})
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == 102
+    torch.testing.assert_close(model.get_input_embeddings().weight[101], inputs[[5, 6, 7]].mean(0))
+    torch.testing.assert_close(model.lm_head.weight[100], outputs[[3, 4]].mean(0))
+    rows = trainable_rows(model, [101, 100])
+    assert rows == {"embed_tokens": [100, 101], "lm_head": [100, 101]}
+    cfg = compose(["model=tiny"])
+    peft = apply_adapter(model, cfg.lora, cfg.model, trainable_token_indices=rows)
+    assert sorted(n for n, p in peft.named_parameters() if p.requires_grad and "lora_" not in n) == [
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta.default",
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
