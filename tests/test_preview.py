@@ -83,3 +83,16 @@ def test_pipeline_is_refused_in_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match="mode=preview shows one training method's data; method=pipeline"):
         registry.get("preview", "mode")(cfg, tmp_path)
     assert not (tmp_path / "preview").exists()
+
+
+@pytest.mark.slow
+def test_launch_py_mode_preview_writes_into_the_hydra_run_dir(tmp_path):
+    from conftest import launch
+
+    res = launch("mode=preview", "model=tiny", "method=sft", "data.max_samples=8", f"hydra.run.dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "run" / "preview" / "length_hist.png").stat().st_size > 0 and "train example 0" in res.stdout
+    summary = json.loads((tmp_path / "run" / "preview" / "summary.json").read_text())
+    assert summary["method"] == "sft" and summary["splits"]["train"]["rows"] == 8
+    bad = launch("mode=preview", "model=tiny", "method=pipeline", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: mode=preview shows one training method's data")

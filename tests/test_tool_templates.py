@@ -81,8 +81,9 @@ def test_truncation_drops_the_tool_result_and_answer_first(tokenizer):
 
 
 def test_a_template_without_tool_format_refuses_calls_and_the_jinja_refuses_tools(tokenizer):
-    with pytest.raises(DataError, match="template alpaca has no tool-call format"):
-        load_template("alpaca").render(DIALOGUE)
+    for conv, tools in ((DIALOGUE, None), (DIALOGUE[:1], TOOLS)):  # calls, or only a tool list
+        with pytest.raises(DataError, match="template alpaca has no tool-call format"):
+            load_template("alpaca").render(conv, tools=tools)
     jinja = load_template("qwen").to_jinja()
     for kwargs, conv in (({"tools": TOOLS}, DIALOGUE[:1]), ({}, DIALOGUE)):
         with pytest.raises(Exception, match="medgpt only"):

@@ -95,6 +95,8 @@ class Template:
         """Render `messages` as turns of segments; turn 0 is the head (prefix and system)."""
         fmt = lambda f, content: self.special(f, bos, eos).replace("{content}", content)  # noqa: E731
         style = self.tool_style
+        if tools:
+            tool_render.refuse_without_format(style, self.name)
         system, rest = _split_system(messages, self.default_system)
         system = tool_render.with_tools(style, system, tools)
         head = [Segment(fmt(self.prefix, ""), "prompt")] if self.prefix else []

@@ -73,13 +73,17 @@ def with_tools(style: str, system: str | None, tools: list[dict] | None) -> str 
     return f"{system}\n\n{block}" if system else block
 
 
+def refuse_without_format(style: str, name: str) -> None:
+    if style == "none":
+        raise DataError(f"template {name} has no tool-call format (tool_style: none): use a template with one "
+                        "(e.g. qwen, llama3, mistral, glm4, chatml).")
+
+
 def answer_text(style: str, name: str, content: str, calls: list[dict]) -> str:
     """An assistant message's text: its content, then its calls in the family's markup."""
     if not calls:
         return content
-    if style == "none":
-        raise DataError(f"template {name} has no tool-call format (tool_style: none): use a template with one "
-                        "(e.g. qwen, llama3, mistral, glm4, chatml).")
+    refuse_without_format(style, name)
     args = [_arguments(c) for c in calls]
     if style in ("hermes", "plain"):
         parts = [f"<tool_call>\n{{\"name\": \"{c['name']}\", \"arguments\": {dumps(a)}}}\n</tool_call>" for c, a in zip(calls, args)]
