@@ -44,7 +44,8 @@ def test_pt_stage_runs_on_text_and_jsonl(tmp_path):
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 0, res.stderr[-2000:]
     s = json.loads((tmp_path / "run/summary.json").read_text())
-    assert s["status"] == "completed" and s["stage"] == "pt" and s["data"]["train"]["documents"] == 29  # smoke: 32 records, 3 held out
+    # smoke: data.max_samples=32 per source (30 + 10 records), 4 held out
+    assert s["status"] == "completed" and s["stage"] == "pt" and s["data"]["train"]["documents"] == 36
     # it learns: 8 steps at lr 5e-3 on this repetitive text take the held-out loss from ~10.8 to ~10.3 nats
     assert s["eval_loss"] < s["eval_loss_before"] - 0.2 and s["eval_perplexity"] > 1
     assert [r["step"] for r in read_jsonl(tmp_path / "run/metrics.jsonl") if "loss" in r] == list(range(1, 9))
