@@ -161,14 +161,65 @@ for _same in ("qwen", "qwen3", "yi", "smollm2"):  # ChatML families: the same te
     EXPECTED[_same] = EXPECTED["chatml"]
 
 
+# Two answered turns, no system prompt, no generation prompt (a training dialogue): the default system prompts appear.
+ANSWERED_TURNS = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+                  {"role": "assistant", "content": "A2"}]
+EXPECTED_TRAINING = {
+    "alpaca": 'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n'
+        '\n### Instruction:\nQ1\n\n### Response:\nA1</s>\n\n### Instruction:\nQ2\n\n### Response:\nA2</s>\n'
+        '\n',
+    "baichuan2": '<reserved_106>Q1<reserved_107>A1</s><reserved_106>Q2<reserved_107>A2</s>',
+    "chatml": '<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\n'
+        'Q2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n',
+    "deepseek": '<s>User: Q1\n\nAssistant: A1</s>User: Q2\n\nAssistant: A2</s>',
+    "deepseek3": '<s><｜User｜>Q1<｜Assistant｜>A1<｜end▁of▁sentence｜><｜User｜>Q2<｜Assistant｜>A2<｜end▁of▁sentence｜>',
+    "gemma": '<s><start_of_turn>user\nQ1<end_of_turn>\n<start_of_turn>model\nA1<end_of_turn>\n'
+        '<start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model\nA2<end_of_turn>\n',
+    "glm4": '[gMASK]<sop><|user|>\nQ1<|assistant|>\nA1</s><|user|>\nQ2<|assistant|>\nA2</s>',
+    "llama2": '<s>[INST] Q1 [/INST] A1 </s><s>[INST] Q2 [/INST] A2 </s>',
+    "llama3": '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n'
+        'Q1<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+        'A1<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n'
+        'Q2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>',
+    "mistral": '<s>[INST] Q1[/INST] A1</s>[INST] Q2[/INST] A2</s>',
+    "mistral_tekken": '<s>[INST]Q1[/INST]A1</s>[INST]Q2[/INST]A2</s>',
+    "phi3": '<|user|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nQ2<|end|>\n<|assistant|>\nA2<|end|>\n',
+    "phi4": '<|im_start|>user<|im_sep|>Q1<|im_end|><|im_start|>assistant<|im_sep|>A1<|im_end|><|im_star'
+        't|>user<|im_sep|>Q2<|im_end|><|im_start|>assistant<|im_sep|>A2<|im_end|>',
+    "qwen": '<|im_start|>system\n'
+        'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\n'
+        'Q1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n'
+        '<|im_start|>assistant\nA2<|im_end|>\n',
+    "qwen3": '<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\n'
+        'Q2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n',
+    "qwen3_nothink": '<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nA1<|im_end|>\n'
+        '<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nA2<|im_end|>\n',
+    "smollm2": '<|im_start|>system\n'
+        'You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n'
+        'Q1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n'
+        '<|im_start|>assistant\nA2<|im_end|>\n',
+    "vicuna": 'A chat between a curious user and an artificial intelligence assistant. The assistant give'
+        "s helpful, detailed, and polite answers to the user's questions. USER: Q1 ASSISTANT: A1</s"
+        '>USER: Q2 ASSISTANT: A2</s>',
+    "yi": '<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\n'
+        'Q2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n',
+
+}
+
+
 def test_at_least_fourteen_families_and_the_old_names():
     assert FAMILIES <= set(TEMPLATES) and len(TEMPLATES) >= 14
-    assert set(EXPECTED) == FAMILIES
+    assert set(EXPECTED) == set(EXPECTED_TRAINING) == FAMILIES
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_rendering_follows_the_published_format(name):
     assert load_template(name).render(DIALOGUE, "<s>", "</s>", add_generation_prompt=True) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TRAINING))
+def test_training_dialogue_follows_the_published_format(name):
+    assert load_template(name).render(ANSWERED_TURNS, "<s>", "</s>") == EXPECTED_TRAINING[name]
 
 
 def test_default_system_prompts_and_their_absence():
