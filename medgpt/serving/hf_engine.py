@@ -146,6 +146,7 @@ class HFEngine(Engine):
         self.adapters = list(peft_config) if len(peft_config) > 1 else []  # several served adapters: chosen per row
         self._inbox: queue.Queue = queue.Queue()
         self._rows: list[_Row] = []
+        self._forwarding: list[_Row] = []  # the rows of the forward pass under way (in the order of the batch)
         self._cache = None
         self._mask: torch.Tensor | None = None
         self._joinable = True
@@ -247,9 +248,10 @@ class HFEngine(Engine):
             out.append(item)
         return out
 
-    def _forward(self, input_ids, mask, cache, rows: list[_Row]):
+    def _forward(self, input_ids, mask, cache):
+        """One forward pass of the rows in `self._forwarding` (their adapters, when several are served)."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        extra = {"adapter_names": [r.handle.adapter or self.adapters[0] for r in rows]} if self.adapters else {}
+        extra = {"adapter_names": [r.handle.adapter or self.adapters[0] for r in self._forwarding]} if self.adapters else {}
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{self._cache_kw: cache}, **self._keep, **extra)
         cache = getattr(out, self._cache_kw, None)
@@ -270,7 +272,8 @@ class HFEngine(Engine):
         mask = torch.tensor([[0] * (width - len(h.prompt_ids)) + [1] * len(h.prompt_ids) for h in live], device=self.device)
         rows = [_Row(h, self.stop_strings) for h in live]
         try:
-            logits, cache = self._forward(ids, mask, None, rows)
+            self._forwarding = rows
+            logits, cache = self._forward(ids, mask, None)
         except Exception as e:  # e.g. out of memory for a huge prompt: fail these requests, keep the running batch
             log.exception("prefill failed")
             for row in rows:
@@ -295,7 +298,8 @@ class HFEngine(Engine):
             return
         ids = torch.tensor([[r.last] for r in self._rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
-        logits, self._cache = self._forward(ids, self._mask, self._cache, self._rows)
+        self._forwarding = self._rows
+        logits, self._cache = self._forward(ids, self._mask, self._cache)
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += len(self._rows)
         self.counters["max_batch"] = max(self.counters["max_batch"], len(self._rows))
