@@ -12,6 +12,9 @@ and data-format check as the training lifecycle: medgpt.stages.lifecycle), then 
 and writes `<run dir>/preview/length_hist.png` (token lengths per split against method.max_length) and
 `<run dir>/preview/summary.json` (the same figures). The run dir is Hydra's (hydra.run.dir, or the default).
 Refuses: method=pipeline (preview its stages one by one), data the method cannot train on (one sentence).
+The model folder is found as training finds it (medgpt.stages.training.prepare): an embedded model not yet in the
+cache is converted once, a hub model is fetched into the local cache, a `model.init_from` run is merged on first
+use; then only the tokenizer is loaded, never the weights.
 """
 
 from __future__ import annotations
