@@ -85,5 +85,7 @@ def test_runs_that_cannot_share_a_base_are_refused(tmp_path, tiny_path, served):
     full = full_run(tmp_path, tiny_path)
     with pytest.raises(ConfigError, match=f"run {full} has no adapter/ \\(it holds full weights\\)"):
         load(cfg_for(f"[{a},{full}]"))
-    with pytest.raises(ConfigError, match="names several runs; this mode reads one"):
+    with pytest.raises(ConfigError, match=f"run {a} is listed twice"):
+        load(cfg_for(f"[{a},{a}]"))
+    with pytest.raises(ConfigError, match=r"run=\[...\] names several runs; mode=chat reads one \(mode=serve serves several"):
         load(compose(["mode=chat", "model=tiny", f"paths.root={ROOT}", f"run=[{a},{a}]"]))

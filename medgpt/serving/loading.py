@@ -113,6 +113,9 @@ def resolve_artefacts(cfg: DictConfig) -> Artefacts:
 
     if isinstance(cfg.run, ListConfig | list) and len(cfg.run) > 1 and cfg.mode == "serve":
         return _resolve_adapters(cfg, [str(r) for r in cfg.run])
+    if isinstance(cfg.run, ListConfig | list) and len(cfg.run) > 1:
+        raise ConfigError(f"run=[...] names several runs; mode={cfg.mode} reads one (mode=serve serves several runs' adapters on "
+                          "one base model, mode=compare compares runs).")
     run = cfg.run[0] if isinstance(cfg.run, ListConfig | list) and len(cfg.run) == 1 else cfg.run
     run_dir = resolve_run(run, Path(cfg.paths.output_dir)).resolve()
     run_dir = trained_run(run_dir).resolve()  # a pipeline's root directory: serve its last stage
@@ -176,9 +179,9 @@ def _resolve_adapters(cfg: DictConfig, runs: list[str]) -> Artefacts:
             raise ConfigError(f"runs {first[0]} and {run_dir} trained with different chat templates: serve them separately.")
     names: dict[str, str] = {}
     for run_dir, _, adapter, _, _ in parts:
-        name = run_dir.name if run_dir.name not in names else f"{run_dir.parent.name}/{run_dir.name}"
-        if name in names:
+        if str(adapter) in names.values():
             raise ConfigError(f"run {run_dir} is listed twice in run=[...].")
+        name = run_dir.name if run_dir.name not in names else f"{run_dir.parent.name}/{run_dir.name}"
         names[name] = str(adapter)
     if not first[1] or not Path(first[1]).exists():
         raise ModelError(f"run {first[0]}: its base model {first[1]} is not there any more.")
