@@ -133,7 +133,6 @@ def test_browser_sends_a_message_and_sees_the_reply(ui, tmp_path):
 @pytest.mark.slow
 def test_launch_py_mode_webui_serves_the_page(tmp_path):
     import httpx
-
     from test_serving_support import start, stop
 
     port = free_port()
