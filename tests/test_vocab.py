@@ -209,7 +209,7 @@ def test_vocab_methods_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_token_survives_train_merge_serve_through_launch(tmp_path):
+def test_token_survives_train_merge_serve_through_launch(tmp_path, tiny_path):
     rows = [{"conversations": [{"from": "human", "value": f"问题 {i}: 什么是糖尿病?"},
                                {"from": "gpt", "value": f"回答 {i}: 糖尿病是一种代谢疾病。糖尿病 糖尿病"}]} for i in range(24)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
@@ -222,6 +222,11 @@ def test_token_survives_train_merge_serve_through_launch(tmp_path):
     changes = json.loads((run / "adapter" / BASE_CHANGES).read_text())
     assert changes["vocab_size"] == 49153 and list(changes["new_token_rows"]) == ["49152"]
     assert changes["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    from safetensors.torch import load_file
+
+    start = load_file(tiny_path / "model.safetensors")["model.embed_tokens.weight"][changes["new_token_rows"]["49152"]]
+    trained = load_file(run / "adapter" / "adapter_model.safetensors")["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert (trained[0] - start.mean(0)).abs().max() > 1e-4  # the data used the new id: its row moved from the mean it started at
     assert (run / "adapter" / "adapter_model.safetensors").stat().st_size < 400_000
     res = launch("mode=merge", f"run={run}", f"hydra.run.dir={tmp_path / 'merge'}")
     assert res.returncode == 0 and "greedy outputs equal: True" in res.stdout, res.stderr[-3000:]
