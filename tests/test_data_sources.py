@@ -50,6 +50,12 @@ def test_parquet_csv_and_arrow_read_like_jsonl(corpus, entry):
     assert records[2].source == f"{corpus / entry}:3"  # file:row (1-based) for every kind
 
 
+def test_a_folder_holding_an_arrow_dataset_reads_it_as_one_source_part(corpus):
+    (source,) = resolve_sources(["."], corpus)  # the corpus: 4 files, an Arrow folder, a tree; its .json metadata is no data
+    assert [p.relative_to(corpus).as_posix() for p in source.files] == [
+        "arrow", "plain.jsonl", "rows.csv", "rows.parquet", "tree/b/two.jsonl", "tree/one.jsonl"]
+
+
 def test_folder_is_every_data_file_under_it_sorted(corpus):
     train, _, stats = load_train_eval(_data(corpus, "data.train_files=[tree]", "data.format=alpaca"), corpus, seed=0)
     assert [r.messages[0]["content"] for r in train] == ["b question 0?", "b question 1?", "a question 0?"]  # b/two.jsonl < one.jsonl

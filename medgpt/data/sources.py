@@ -57,11 +57,16 @@ def is_arrow_folder(path: Path) -> bool:
 
 
 def _folder_files(folder: Path) -> list[Path]:
+    """Data files under `folder` (recursive, sorted by path; hidden entries skipped), an Arrow folder as one entry."""
     if is_arrow_folder(folder):
         return [folder]
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    return files + sorted(p for p in folder.rglob("*") if is_arrow_folder(p) and not is_arrow_folder(p.parent))
+    found: list[Path] = []
+    for top, dirs, files in os.walk(folder):
+        arrow = [d for d in dirs if is_arrow_folder(Path(top) / d)]
+        found += [Path(top) / d for d in arrow]
+        dirs[:] = [d for d in dirs if d not in arrow and not d.startswith(".")]  # the files of an Arrow folder are its own
+        found += [Path(top) / f for f in files if Path(f).suffix.lower() in DATA_SUFFIXES and not f.startswith(".")]
+    return sorted(found)
 
 
 def resolve_sources(entries: list[str], root: Path, key: str = "data.train_files") -> list[Source]:
