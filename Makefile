@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4"
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help install demo demo-pipeline test test-slow lint serve browser clean
+.PHONY: help install demo demo-pipeline test test-slow lint serve browser clean bench
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ serve: install ## serve the newest completed run under outputs/ (or the embedded
 browser: ## install headless Chromium + chromedriver for the web UI browser test (Debian/Ubuntu, as root)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+bench: install ## medgpt vs TRL / Trainer / transformers serve / lm-eval, side by side (~15 min on 2 idle cores): bench/results/latest.json + bench/README.md; BENCH_ROWS=a,b BENCH_QUICK=1
+	$(PY) bench/run.py
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check medgpt tests launch.py scripts
