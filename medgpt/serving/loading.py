@@ -171,12 +171,17 @@ def _resolve_adapters(cfg: DictConfig, runs: list[str]) -> Artefacts:
         template = load_saved_template(adapter)
         parts.append((run_dir, run.base_model_path(), adapter, template, run.read_summary().stop_token_ids))
     first = parts[0]
-    for run_dir, base, _, template, _stops in parts[1:]:
+    from medgpt.modeling.vocab import read_base_changes
+
+    for run_dir, base, adapter, template, _stops in parts[1:]:
         if base != first[1]:
             raise ConfigError(f"runs {first[0]} and {run_dir} adapt different base models ({first[1]} and {base}): "
                               "run=[...] serves adapters of one base model; serve them separately.")
         if template != first[3]:
             raise ConfigError(f"runs {first[0]} and {run_dir} trained with different chat templates: serve them separately.")
+        if read_base_changes(str(first[2])) != read_base_changes(str(adapter)):
+            raise ConfigError(f"runs {first[0]} and {run_dir} reshaped the base model differently (added tokens or RoPE scaling in "
+                              "adapter/medgpt_base.json): serve them separately.")
     names: dict[str, str] = {}
     for run_dir, _, adapter, _, _ in parts:
         if str(adapter) in names.values():
