@@ -3,7 +3,8 @@
 A single worker thread owns the model; requests arrive through a queue. The first request waits up
 to `batch_wait_ms` for others, then all of them (up to `max_batch_size`) are prefilled as one
 left-padded batch and decoded step by step with the KV cache. Each row has its own sampling
-parameters, seed, stop strings and token budget, streams its own text and finishes on its own; a
+parameters, seed, stop strings and token budget, streams its own text and finishes on its own (its text is
+decoded incrementally, and the greedy rows' tokens come from one argmax over the batch); a
 finished or cancelled row leaves the batch at once (its cache rows are dropped) and a waiting request
 takes the free slot: it is prefilled and its cache is left-padded into the running batch. On CPU
 this beats one-at-a-time decoding by ~5x at 8 requests (bench/serve_concurrency.py), because a step
@@ -82,11 +83,19 @@ class _Row:
         self.n = 0  # tokens generated, the stop token included
         self.seen = set(handle.prompt_ids)  # for the repetition penalty
         self.sent = 0  # characters streamed so far
+        self.text = ""  # the text of ids[:read] (whole characters), grown by `decoded` from the newest tokens only
+        self.prefix = self.read = 0  # ids[prefix:read] are decoded again beside the new ones, so joins render as in a full decode
         self.last = 0  # the token fed at the next step
         self.done = False
         self.stops = tuple(s for s in (*self.params.stop, *stop_strings) if s)
         seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def greedy(self) -> bool:
+        """Picks the most likely token, untouched by a repetition penalty (the batch decides these rows at once)."""
+        p = self.params
+        return (p.temperature < 1e-5 or p.top_k == 1) and not (p.repetition_penalty != 1.0 and self.seen)
 
     def pick(self, logits: torch.Tensor) -> int:
         p = self.params
@@ -110,7 +119,7 @@ class _Row:
 
     def text_update(self, tokenizer, final: bool) -> tuple[str, bool]:
         """(new text to stream, a stop string was hit). Holds back a tail that may become a stop string."""
-        text = tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.decoded(tokenizer)
         if self.stops:
             hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
             if hits:
@@ -124,6 +133,38 @@ class _Row:
             hold = max([hold] + [k for k in range(1, min(len(s) - 1, safe) + 1) if text[:safe].endswith(s[:k])])
         safe -= hold
         return text[self.sent:max(safe, self.sent)], False
+
+
+    def decoded(self, tokenizer) -> str:
+        """The text of all generated tokens, equal to decoding `ids` whole, but decoding only the tokens since the last
+        complete character (the incremental detokenisation of TGI / vLLM): each step costs a few tokens, not the answer."""
+        if self.read == len(self.ids):
+            return self.text
+        before = tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if not after.startswith(before):  # a tokenizer whose pieces render differently side by side: decode it whole
+            return tokenizer.decode(self.ids, skip_special_tokens=True)
+        tail = after[len(before):]
+        if tail.endswith("\ufffd"):  # an incomplete multi-byte character: keep its tokens for the next step
+            return self.text + tail
+        self.text += tail
+        self.prefix, self.read = self.read, len(self.ids)
+        return self.text
+
+
+def pick_tokens(rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    """The next token of each row: greedy rows from one argmax over the batch (one transfer from the device for all of
+    them), the others through their own sampler (temperature, top-k/top-p, repetition penalty, per-request seed)."""
+    greedy = [i for i, r in enumerate(rows) if r.greedy]
+    tokens: list[int] = [0] * len(rows)
+    if greedy:
+        picked = logits[greedy].argmax(-1).tolist() if len(greedy) < len(rows) else logits.argmax(-1).tolist()
+        for i, t in zip(greedy, picked):
+            tokens[i] = t
+    for i, row in enumerate(rows):
+        if not row.greedy:
+            tokens[i] = row.pick(logits[i])
+    return tokens
 
 
 class HFEngine(Engine):
@@ -306,8 +347,7 @@ class HFEngine(Engine):
         self._advance(self._rows, logits)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        for row, row_logits in zip(rows, logits):  # logits: one row per entry of `rows`
-            token = row.pick(row_logits)
+        for row, token in zip(rows, pick_tokens(rows, logits)):  # logits: one row per entry of `rows`
             row.n += 1
             row.last = token
             self.counters["generated_tokens"] += 1
