@@ -64,12 +64,25 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
     out, err = io.StringIO(), io.StringIO()
     code: object = 0
     GlobalHydra.instance().clear()
+    # Hydra's logging setup (dictConfig) closes every live handler of the process, pytest's capture streams
+    # included; let it close only the handlers this run creates.
+    import logging.config
+
+    before = set(logging._handlerList)
+    clear_all = logging.config._clearExistingHandlers
+
+    def clear_this_runs_handlers():
+        logging._handlers.clear()
+        logging.shutdown([ref for ref in logging._handlerList[:] if ref not in before])
+
+    logging.config._clearExistingHandlers = clear_this_runs_handlers
     try:
         with redirect_stdout(out), redirect_stderr(err):
             main()
     except SystemExit as e:
         code = e.code
     finally:
+        logging.config._clearExistingHandlers = clear_all
         GlobalHydra.instance().clear()
         argv, environ, cwd, handlers, level, signals = saved
         sys.argv = argv
