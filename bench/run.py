@@ -3,6 +3,7 @@
     make bench                                        # every row (~15 min on 2 idle CPU cores)
     BENCH_ROWS=sft_vs_trl,dpo_vs_trl make bench       # only these rows (their groups' other sides are skipped)
     BENCH_QUICK=1 make bench                          # smoke: tiny model, 2 steps, 1 repetition -> bench/results/quick.json
+    BENCH_QUICK=1 BENCH_MODEL=smollm2-135m make bench # the same smoke on the real model (checks its paths, not its speed)
 
 Rows are measured in groups: the sides of a group (medgpt + its peers, each in its own child process) run
 alternately A B [C ...] A B ..., `repetitions` times, and each side's median is its number (bench/harness.py).
@@ -35,12 +36,12 @@ ROWS = ["sft_vs_trl", "sft_default_vs_trl_default", "sft_vs_padded_trainer", "dp
 README_START, README_END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
 
-def settings(quick: bool) -> dict:
+def settings(quick: bool, model: str | None = None) -> dict:
     """Step counts and sizes: chosen so that the full run takes ~15 minutes on 2 idle CPU cores."""
     if quick:
-        return {"model": "tiny", "repetitions": 1, "sft_steps": 2, "default_steps": 2, "dpo_steps": 2, "pt_steps": 2, "max_tokens": 4,
+        return {"model": model or "tiny", "repetitions": 1, "sft_steps": 2, "default_steps": 2, "dpo_steps": 2, "pt_steps": 2, "max_tokens": 4,
                 "clients": [8, 32], "eval_limit": 8}
-    return {"model": "smollm2-135m", "repetitions": 3, "sft_steps": 3, "default_steps": 3, "dpo_steps": 3, "pt_steps": 3,
+    return {"model": model or "smollm2-135m", "repetitions": 3, "sft_steps": 3, "default_steps": 3, "dpo_steps": 3, "pt_steps": 3,
             "max_tokens": 32, "clients": [8, 32], "eval_limit": 40}
 
 
@@ -243,7 +244,7 @@ def main() -> int:
     except SystemExit as e:
         print(e, file=sys.stderr)
         return 2
-    s = settings(quick)
+    s = settings(quick, os.environ.get("BENCH_MODEL") or None)
     out_path = Path(os.environ.get("BENCH_OUT") or ROOT / "bench" / "results" / ("quick.json" if quick else "latest.json"))
     started, results = time.time(), []
     for group in groups(s):
