@@ -11,13 +11,14 @@ Writes: temporary folders only.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.harness import scratch  # noqa: E402
 
 
 def _cfg(model: str, limit: int):
@@ -33,7 +34,7 @@ def medgpt_eval(model: str, limit: int):
 
     def measure() -> dict:
         started = time.perf_counter()
-        res = evaluate(cfg, Path(tempfile.mkdtemp(prefix="medgpt-bench-eval-")))
+        res = evaluate(cfg, Path(scratch("medgpt-bench-eval-")))
         seconds = time.perf_counter() - started
         return {"value": res["n"] / seconds, "questions": res["n"], "seconds": round(seconds, 3), "accuracy": res["accuracy"]}
 
@@ -50,7 +51,7 @@ def lm_eval_harness(model: str, limit: int):
 
     cfg = _cfg(model, limit)
     folder = resolve_model_path(cfg.model.name_or_path, cfg.paths.cache_dir, cfg.model.revision)
-    prompts = export_prompts(cfg, Path(tempfile.mkdtemp(prefix="lm-eval-bench-")) / "prompts.jsonl")
+    prompts = export_prompts(cfg, Path(scratch("lm-eval-bench-")) / "prompts.jsonl")
 
     def measure() -> dict:
         started = time.perf_counter()

@@ -8,15 +8,19 @@ read after its last repetition): a side's own process holds only its own model, 
 an in-process RSS delta or tracemalloc (Python objects only, not torch's buffers) cannot separate. Every child
 pays the same interpreter + torch import baseline, so the figures compare like with like.
 Refuses: nothing itself; a side that raises reports its error, which the row then records instead of a number.
-Writes: nothing (bench/run.py writes latest.json and the README table).
+Writes: each child's scratch folder (`scratch()`: trainer output folders, metrics.jsonl of medgpt's runs, eval
+results), removed when the child ends; bench/run.py writes latest.json and the README table.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -54,6 +58,17 @@ def _child(conn, factory: str, kwargs: dict) -> None:
             conn.send(measure())
         except BaseException as e:  # noqa: BLE001
             conn.send({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=6)})
+
+
+_SCRATCH: list[str] = []
+
+
+def scratch(prefix: str) -> str:
+    """A new folder inside this process' scratch folder (created on first use, removed when the process exits)."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.mkdtemp(prefix="medgpt-bench-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH[0])
 
 
 def peak_rss_mb(pid: int) -> float | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.harness import scratch  # noqa: E402
 
 
 def compose(overrides: list[str]):
@@ -117,7 +118,7 @@ def medgpt_stage(overrides: list[str], unit: str = "tokens", gemm: bool = False)
 
     cfg = compose(overrides)
     stage = methods()[cfg.method.name]
-    tmp = Path(tempfile.mkdtemp(prefix="medgpt-bench-"))
+    tmp = Path(scratch("medgpt-bench-"))
     ctx = Context(cfg, RunDir(tmp / "run", rank=0), stage)
     ctx.setup = prepare(cfg)
     ctx.data = stage.build_data(ctx)  # tokenised once (and cached); every repetition trains on the same rows
@@ -150,7 +151,7 @@ def _shared(overrides: list[str]):
 
     cfg = compose(overrides)
     stage = methods()[cfg.method.name]
-    ctx = Context(cfg, RunDir(Path(tempfile.mkdtemp(prefix="medgpt-bench-")) / "run", rank=0), stage)
+    ctx = Context(cfg, RunDir(Path(scratch("medgpt-bench-")) / "run", rank=0), stage)
     ctx.setup = prepare(cfg)
     return cfg, ctx
 
@@ -195,7 +196,7 @@ def trl_sft(overrides: list[str], variant: str):
              "packing": {"packing": True, "packing_strategy": "bfd"}, "padded": {}}[variant]
 
     def measure() -> dict:
-        args = SFTConfig(**{**_common_args(cfg, tempfile.mkdtemp(prefix="trl-bench-")), "max_length": cfg.method.max_length, **flags})
+        args = SFTConfig(**{**_common_args(cfg, scratch("trl-bench-")), "max_length": cfg.method.max_length, **flags})
         trainer = SFTTrainer(model=_model(ctx.setup.model_path), args=args, train_dataset=train, processing_class=ctx.setup.tokenizer,
                              peft_config=_lora(cfg))
         return timed_train(trainer, trainer.model)
@@ -217,7 +218,7 @@ def trl_sft_default(overrides: list[str], steps: int):
     train = Dataset.from_list([{"messages": [{"role": m["role"], "content": m["content"]} for m in r.messages]} for r in records])
 
     def measure() -> dict:
-        args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), max_steps=steps, report_to="none", save_strategy="no",
+        args = SFTConfig(output_dir=scratch("trl-bench-"), max_steps=steps, report_to="none", save_strategy="no",
                          use_cpu=True, bf16=False, disable_tqdm=True, logging_steps=steps)
         trainer = SFTTrainer(model=_model(ctx.setup.model_path), args=args, train_dataset=train, processing_class=ctx.setup.tokenizer,
                              peft_config=_lora(cfg))
@@ -239,7 +240,7 @@ def padded_trainer(overrides: list[str]):
 
     def measure() -> dict:
         model = get_peft_model(_model(ctx.setup.model_path), _lora(cfg))
-        args = TrainingArguments(**_common_args(cfg, tempfile.mkdtemp(prefix="hf-bench-")), train_sampling_strategy="random")
+        args = TrainingArguments(**_common_args(cfg, scratch("hf-bench-")), train_sampling_strategy="random")
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
         return timed_train(trainer, trainer.model)
 
@@ -266,7 +267,7 @@ def run_clm(overrides: list[str]):
 
     def measure() -> dict:
         model = get_peft_model(_model(ctx.setup.model_path), _lora(cfg))
-        args = TrainingArguments(**_common_args(cfg, tempfile.mkdtemp(prefix="hf-bench-")))
+        args = TrainingArguments(**_common_args(cfg, scratch("hf-bench-")))
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=default_data_collator)
         return timed_train(trainer, trainer.model)
 
@@ -302,7 +303,7 @@ def trl_dpo(overrides: list[str], precompute: bool):
 
     def measure() -> dict:
         Timed.precompute_seconds = 0.0
-        args = DPOConfig(**_common_args(cfg, tempfile.mkdtemp(prefix="trl-bench-")), beta=cfg.method.beta, loss_type=["sigmoid"],
+        args = DPOConfig(**_common_args(cfg, scratch("trl-bench-")), beta=cfg.method.beta, loss_type=["sigmoid"],
                          max_length=cfg.method.max_length, precompute_ref_log_probs=precompute, dataset_num_proc=None)
         trainer = Timed(model=_model(ctx.setup.model_path), args=args, train_dataset=train, processing_class=tokenizer,
                         peft_config=_lora(cfg))
