@@ -130,7 +130,7 @@ def test_quick_bench_writes_every_row_with_consistent_ratios(tmp_path):
     for r in rows.values():
         assert set(r) >= {"name", "medgpt", "peer", "unit", "ratio", "config"} and isinstance(r["config"], dict)
         assert r.get("error") is None, r
-        assert r["medgpt"] > 0 and r["peer"] > 0 and r["ratio"] == pytest.approx(r["medgpt"] / r["peer"], abs=2e-3)
+        assert r["medgpt"] > 0 and r["peer"] > 0 and r["ratio"] == pytest.approx(r["medgpt"] / r["peer"], rel=1e-2)  # numbers rounded to 3 decimals
         assert r["peak_rss_mb"]["medgpt"] > 100 and r["peak_rss_mb"]["peer"] > 100
     assert rows["sft_vs_trl"]["peer_variant"] in ("trl_grouped", "trl_padding_free", "trl_packing")
     assert rows["dpo_vs_trl"]["peer_variant"] in ("trl_precompute", "trl_no_precompute")
