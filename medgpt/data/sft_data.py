@@ -55,6 +55,9 @@ def build_sft_data(cfg: DictConfig, tokenizer, template: Template) -> StageData:
     train = data.stats["train"]
     log.info("data: %d train / %d eval examples (%s)%s", train["examples"], data.stats.get("eval", {}).get("examples", 0),
              data.stats["format"], " [tokenised-data cache hit]" if data.cache_hit else "")
-    if train["truncated"]:
-        log.info("data: %d training examples truncated to method.max_length=%d", train["truncated"], m.max_length)
+    if train["truncated"]:  # most examples cut: their later turns (often the answers) are lost, so say it loudly
+        many = train["truncated"] * 2 > train["examples"] + train["dropped_empty"]
+        (log.warning if many else log.info)("data: %d of %d training examples truncated to method.max_length=%d%s",
+                                            train["truncated"], train["examples"] + train["dropped_empty"], m.max_length,
+                                            "; raise method.max_length (mode=preview shows the lengths)" if many else "")
     return data
