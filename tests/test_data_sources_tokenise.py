@@ -91,3 +91,17 @@ def test_second_build_is_a_cache_hit_without_reading_data(tmp_path, tokenizer, m
     assert _rows(second.train) == _rows(first.train) and second.stats == first.stats
     assert [r.source for r in second.eval_records] == [r.source for r in first.eval_records]
     assert not list((tmp_path / "tokenized").glob(".work-*"))  # the work folder is gone once the entry is written
+
+
+@pytest.mark.parametrize("max_length, level", [(256, "WARNING"), (1024, None)])
+def test_most_examples_truncated_is_a_warning(tmp_path, tokenizer, monkeypatch, caplog, max_length, level):
+    """The tool sample's dialogues run to ~820 tokens: at 256 every one loses its answer, which must not pass quietly."""
+    cfg = _cfg(tmp_path, "sft", "medical_tools", f"method.max_length={max_length}")
+    with caplog.at_level("INFO", logger="medgpt.data.sft_data"):
+        data = _build(cfg, tokenizer, monkeypatch, shard=4096, procs=1)
+    cut = [r for r in caplog.records if "truncated to method.max_length" in r.getMessage()]
+    if level is None:
+        assert data.stats["train"]["truncated"] == 0 and not cut
+    else:
+        assert [r.levelname for r in cut] == [level] and "raise method.max_length" in cut[0].getMessage()
+        assert f"{data.stats['train']['truncated']} of 27 training examples" in cut[0].getMessage()
