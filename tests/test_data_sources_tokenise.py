@@ -105,3 +105,14 @@ def test_most_examples_truncated_is_a_warning(tmp_path, tokenizer, monkeypatch, 
     else:
         assert [r.levelname for r in cut] == [level] and "raise method.max_length" in cut[0].getMessage()
         assert f"{data.stats['train']['truncated']} of 27 training examples" in cut[0].getMessage()
+
+
+def test_no_held_out_split_builds_and_hits_the_cache(tmp_path, tokenizer, monkeypatch):
+    """No eval data at all (eval_files=[] and eval_split=0): the cache entry stores no empty split (datasets cannot read
+    one back: IndexError in concat_tables) and the second build reads it."""
+    cfg = _cfg(tmp_path, "sft", "sharegpt", "data.eval_files=[]", "data.eval_split=0")
+    first = _build(cfg, tokenizer, monkeypatch, shard=4096, procs=1)
+    second = _build(cfg, tokenizer, monkeypatch, shard=4096, procs=1)
+    assert not first.cache_hit and second.cache_hit
+    assert first.eval is None and second.eval is None and first.eval_records == second.eval_records == []
+    assert _rows(second.train) == _rows(first.train) and len(first.train) == 40

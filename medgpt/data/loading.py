@@ -306,10 +306,12 @@ def tokenised_splits(cfg: DictConfig, stage: str, tokenizer, template, encode: E
         for name, recs in (("train", loaded.train), ("eval", records_dataset(loaded.eval) if loaded.eval else None)):
             if recs is not None and len(recs):
                 splits[name], stats[name] = encode_split(recs, encode, name, cfg.data.num_proc, workdir, finish)
-        splits[EVAL_RECORDS] = records_dataset(loaded.eval)
+        if loaded.eval:  # datasets cannot read back a saved split with no rows
+            splits[EVAL_RECORDS] = records_dataset(loaded.eval)
         return splits, stats
 
     splits, stats, hit = cached_datasets(Path(cfg.paths.cache_dir), key, build)
-    eval_records = row_records(splits.pop(EVAL_RECORDS)[:])
+    held_out = splits.pop(EVAL_RECORDS, None)
+    eval_records = row_records(held_out[:]) if held_out is not None else []
     return StageData(splits["train"], splits.get("eval"), eval_records, stats, hit)
 
