@@ -116,6 +116,7 @@ def test_ddp_gives_the_steps_of_one_process(one_process, tmp_path):
     assert_same_steps(one_process, run)
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_fsdp_lora_shards_trains_and_saves_a_loadable_adapter(one_process, tmp_path, tiny_path):
     run = tmp_path / "fsdp"
     r = launch("debug=smoke", *SAME_STEPS, "hardware.batch_size=2", "method.save_steps=2", "fsdp=full_shard", *torchrun(),
@@ -158,6 +159,7 @@ def test_fsdp_full_finetune_saves_a_loadable_model(tmp_path, tiny_path):
         assert torch.isfinite(trained(torch.tensor([[1, 42, 7]])).logits).all()
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_a_failing_rank_ends_the_run_in_one_sentence_and_leaves_nothing(tmp_path):
     run, mark = tmp_path / "fail", uuid.uuid4().hex
     r = launch("model=tiny", "debug=smoke", "method.sample_questions=0", *torchrun(), f"hydra.run.dir={run}", timeout=180,

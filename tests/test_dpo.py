@@ -146,6 +146,7 @@ def test_reference_selection(tiny_path):
     assert base.kind == "frozen" and "base model" in base.description and base.model is not None
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_dpo_run_records_reference_and_rewards(tmp_path, tiny_path):
     res = launch("model=tiny", "method=dpo", "data=dpo_demo", "debug=smoke", "method.precompute_reference=true",
                  f"hydra.run.dir={tmp_path}")

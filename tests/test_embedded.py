@@ -12,6 +12,7 @@ from medgpt.errors import ModelError
 from medgpt.modeling import embedded
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_two_processes_converting_at_once_both_get_one_complete_folder(tmp_path):
     code = "import sys; from medgpt.modeling.embedded import embedded_path; print(embedded_path('tiny', sys.argv[1]))"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -120,6 +120,7 @@ def evaluated_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_a_training_run_evaluates_itself(evaluated_run):
     summary = read_json(evaluated_run / "summary.json")
     assert summary["status"] == "completed"
@@ -133,6 +134,7 @@ def test_a_training_run_evaluates_itself(evaluated_run):
     assert OmegaConf.load(evaluated_run / "config.yaml").eval.after == ["mcq", "generation"]
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_eval_after_reaches_tensorboard(evaluated_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -143,6 +145,7 @@ def test_eval_after_reaches_tensorboard(evaluated_run):
     assert value == pytest.approx(summary["eval/mcq/accuracy"]) and "summary/eval/generation/rougeL" in events.Tags()["scalars"]
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_eval_keys_are_a_sweep_objective_and_compare_columns(evaluated_run, tmp_path, tiny_path):
     from medgpt.run import _sweep_metric
     from medgpt.tracking.compare import comparison

@@ -303,6 +303,7 @@ def test_smoke_run_logs_the_grpo_metrics(tmp_path):
     assert not (tmp_path / "adapter" / "ref").exists()  # the trained adapter only
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_a_method_rm_run_as_reward_and_a_non_rm_run_refused(tmp_path):
     rm = launch("model=tiny", "method=rm", "debug=smoke", "method.max_steps=2", f"hydra.run.dir={tmp_path / 'rm'}", env=ONE_THREAD)
     assert rm.returncode == 0, rm.stderr[-2000:]
@@ -318,6 +319,7 @@ def test_a_method_rm_run_as_reward_and_a_non_rm_run_refused(tmp_path):
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_grpo_follows_sft_in_a_pipeline(tmp_path):
     grpo = "['method.num_generations=2','method.max_completion_length=8','method.max_steps=2','method.eval_questions=2']"
     res = launch("method=pipeline", "pipeline.stages=[sft,grpo]", "model=tiny", "debug=smoke", "method.max_steps=2",

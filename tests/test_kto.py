@@ -184,6 +184,7 @@ def test_kto_smoke_run(tmp_path):
     assert {"eval_kl", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins"} <= set(rows[-1])
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_kto_trains_on_preference_pairs(tmp_path):
     res = launch("model=tiny", "method=kto", "data=dpo_demo", "debug=smoke", "method.max_steps=2", f"hydra.run.dir={tmp_path}")
     assert res.returncode == 0, res.stderr[-2000:]

@@ -17,6 +17,7 @@ def pipeline_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_pipeline_stages_chain_and_report(pipeline_run):
     s = json.loads((pipeline_run / "summary.json").read_text())
     assert s["status"] == "completed" and [r["stage"] for r in s["stages"]] == ["pt", "sft", "dpo"]
@@ -34,6 +35,7 @@ def test_pipeline_stages_chain_and_report(pipeline_run):
     assert s["merged"] == str(pipeline_run / "3-dpo/merged")
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_merge_report_shows_parity(pipeline_run):
     report = json.loads((pipeline_run / "3-dpo/merged/merge_report.json").read_text())
     assert report["greedy_equal"] is True and report["max_logit_diff"] < 1e-4 and len(report["prompts"]) == 3
@@ -44,6 +46,7 @@ def test_merge_report_shows_parity(pipeline_run):
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_merge_mode_and_its_refusal(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [dialogue(i) for i in range(12)])
     common = ["model=tiny", "debug=smoke", f"data.train_files=[{data}]", "data.eval_files=[]", "data.eval_split=0.2"]
@@ -61,6 +64,7 @@ def test_merge_mode_and_its_refusal(tmp_path):
     assert s["base_model_path"] == str(tmp_path / "full/model") and s["template"] == "chatml"
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_merge_and_init_from_accept_a_pipeline_root(pipeline_run):
     """A pipeline's root directory stands for its last stage (run=latest often picks it)."""
     from medgpt.tracking.rundir import trained_run

@@ -53,6 +53,7 @@ def _assert_same_run(folder, full: dict, cut: dict) -> None:
     assert seen(cut_rows) == seen(full_rows)
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_sft_resumed_in_epoch_2_matches_the_uninterrupted_run(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", _dialogues(12))
     full, cut = _interrupted_and_full(tmp_path, (
@@ -62,6 +63,7 @@ def test_sft_resumed_in_epoch_2_matches_the_uninterrupted_run(tmp_path):
     _assert_same_run(tmp_path, full, cut)
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_dpo_resumed_in_epoch_2_matches_the_uninterrupted_run(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(12))
     full, cut = _interrupted_and_full(tmp_path, (

@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import ROOT, dialogue, write_jsonl
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_ctrl_c_in_a_sweep_writes_the_summary_and_ends_in_one_line(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [dialogue(i) for i in range(16)])
     sweep_dir = tmp_path / "multirun"

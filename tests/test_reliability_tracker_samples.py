@@ -73,6 +73,7 @@ def wandb_runs(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_wandb_gets_no_samples_or_data_statistics_by_default(wandb_runs):
     run = wandb_runs / "default"
     local = json.loads((run / "summary.json").read_text())
@@ -84,6 +85,7 @@ def test_wandb_gets_no_samples_or_data_statistics_by_default(wandb_runs):
     assert local["samples"][0]["question"].encode() not in everything  # the question text is nowhere in W&B's files
 
 
+@pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast
 def test_wandb_gets_them_with_log_samples_true(wandb_runs):
     run = wandb_runs / "opted_in"
     local = json.loads((run / "summary.json").read_text())
