@@ -31,7 +31,7 @@ demo: install ## LoRA SFT of SmolLM2-135M on the demo dialogues (~10 min on 2 CP
 demo-pipeline: install ## PT -> SFT -> DPO on SmolLM2-135M, merged at the end (< 20 min on 2 CPU cores); per-stage report
 	$(PY) scripts/demo_pipeline.py
 
-test: install ## the fast suite on the tiny model (< 10 min on 2 CPU cores)
+test: install ## the fast suite on the tiny model (~6 min on 2 idle CPU cores)
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: install ## end-to-end runs on the embedded SmolLM2-135M (minutes)
