@@ -184,6 +184,29 @@ def test_unwritable_run_dir_on_the_command_line_is_one_sentence(tmp_path):
     assert res.returncode == 1 and "is a file, not a folder" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_unwritable_default_run_dir_is_one_sentence(tmp_path, capsys):
+    """The default directory (paths.output_dir from ${hydra:runtime.cwd}) is checked too: before, resolving it in the
+    callback failed ("HydraConfig was not set", a warning on every run) and the check was skipped."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from medgpt.config import register_configs
+    from medgpt.tracking.rundir import RunDirCheck
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["model=tiny"], return_hydra_config=True)
+    (tmp_path / "f").write_text("")
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = str(tmp_path / "f")  # outputs/ would go under a file
+    with pytest.raises(SystemExit) as stop:
+        RunDirCheck().on_run_start(cfg)
+    assert stop.value.code == 1
+    assert f"hydra.run.dir={tmp_path / 'f' / 'outputs'}" in capsys.readouterr().err
+
+
 def test_a_failed_save_rescues_the_weights(tmp_path, monkeypatch):
     from medgpt.stages import training
 

@@ -479,18 +479,22 @@ class RunDirCheck(Callback):
     Hydra's traceback from creating it."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.run.dir, "hydra.run.dir")
+        self._check(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self._check(config, "hydra.sweep.dir")
 
     @staticmethod
-    def _check(path: str, key: str) -> None:
+    def _check(config: DictConfig, key: str) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # the default directory reads ${hydra:runtime.cwd}; Hydra sets it later
         try:
-            check_writable(Path(path), key)
+            check_writable(Path(OmegaConf.select(config, key)), key)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+
 
 
 def read_summary(run_dir: Path) -> dict:
