@@ -30,6 +30,10 @@ def compose(overrides: list[str] | None = None):
         return hydra_compose(config_name="config", overrides=overrides or [])
 
 
+# read once, when a library is imported: a run that sets them needs an interpreter of its own
+IMPORT_TIME_ENV = {"HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE"}
+
+
 def launch(*args: str, timeout: int = 300, env: dict | None = None, subprocess_only: bool = False) -> subprocess.CompletedProcess:
     """Run `python launch.py args...` from the project root; returns the finished process (never raises).
 
@@ -37,7 +41,7 @@ def launch(*args: str, timeout: int = 300, env: dict | None = None, subprocess_o
     suite launches ~80 runs); in a child process with `subprocess_only=True` (signals, import-time environment,
     first-time warnings) or when called from a worker thread (concurrent runs share no Hydra state).
     """
-    if subprocess_only or threading.current_thread() is not threading.main_thread():
+    if subprocess_only or threading.current_thread() is not threading.main_thread() or set(env or {}) & IMPORT_TIME_ENV:
         full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | (env or {})  # errors as users see them
         return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                               env=full_env)
@@ -57,8 +61,13 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
 
     saved = (sys.argv, dict(os.environ), os.getcwd(), logging.getLogger().handlers[:], logging.getLogger().level,
              {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)})
+    import torch
+
     os.environ.pop("HYDRA_FULL_ERROR", None)
     os.environ.update(env or {})
+    threads = torch.get_num_threads()
+    if env and "OMP_NUM_THREADS" in env:  # what the variable does in a fresh process (torch read it at import here)
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = ["launch.py", *args]
     os.chdir(ROOT)
     out, err = io.StringIO(), io.StringIO()
@@ -96,6 +105,7 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
         root.handlers, root.level = handlers, level
         for s, h in signals.items():
             signal.signal(s, h)
+        torch.set_num_threads(threads)
     returncode = code if isinstance(code, int) else (0 if code is None else 1)
     return subprocess.CompletedProcess(["launch.py", *args], returncode, out.getvalue(), err.getvalue())
 
