@@ -86,14 +86,14 @@ def test_pairs_in_both_forms_with_their_own_margins(tmp_path, tokenizer):
     records, _, fmt = load_records([path])
     assert fmt == "preference" and len(records) == 3
     dataset, stats = encode_pairs(records, load_template("chatml"), tokenizer, 128, 64)
-    margins = pair_margins(records, "margin")
+    margins = pair_margins(records)
     assert len(dataset) == len(margins) == 2 and stats["identical_pairs"] == 1  # the identical pair is dropped from both
     assert margins[0] == 1.5 and math.isnan(margins[1])  # the flat record has none: method.margin applies
     assert len(records[1].messages) == 3  # the flat form's history is prompt turns
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**nested, "margin": "big"}])
     with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'margin' must be a number"):
-        pair_margins(load_records([bad])[0], "margin")
+        load_records([bad])  # read with the record, from any source format
 
 
 # --- (5) dialogue data is refused by the declaration --------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class Record:
     completion: str | None = None  # unpaired format: the answer judged, and whether it is desirable
     label: bool | None = None
     tools: list[dict] | None = None  # OpenAI function schemas the dialogue may call
+    margin: float | None = None  # preference format: the pair's own reward margin (method=rm), when it has one
 
 
 @dataclass(frozen=True)
@@ -296,7 +298,10 @@ def _preference(rec: dict, where: str, cols: dict) -> Record:
     check_dialogue(prompt, where, end_with="user")
     if not chosen.strip() or not rejected.strip():
         raise DataError(f"{where}: 'chosen' and 'rejected' must both be non-empty.")
-    return Record(where, messages=prompt, chosen=chosen, rejected=rejected)
+    margin = rec.get(cols.get("margin", "margin"))
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin)):
+        raise DataError(f"{where}: field '{cols.get('margin', 'margin')}' must be a number (the pair's reward margin), got {margin!r}.")
+    return Record(where, messages=prompt, chosen=chosen, rejected=rejected, margin=None if margin is None else float(margin))
 
 
 def _unpaired(rec: dict, where: str, cols: dict) -> Record:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from medgpt.config import MethodConfig, bounded
 from medgpt.stages.protocol import Stage, TrainingParts, register_stage
@@ -44,11 +43,10 @@ def build_data(ctx):
 
     cfg, tokenizer, template = ctx.cfg, ctx.setup.tokenizer, ctx.setup.template
     m = cfg.method
-    field = dict(cfg.data.columns).get("margin", "margin")
 
     def encode(records, split):
         dataset, stats = encode_pairs(records, template, tokenizer, m.max_length, m.max_prompt_length)
-        margins = pair_margins(records, field)
+        margins = pair_margins(records)  # read with the record (medgpt.data.formats)
         stats["pairs_with_margin"] = sum(not math.isnan(v) for v in margins)
         return dataset.add_column("margin", margins), stats
 
@@ -63,23 +61,9 @@ def build_data(ctx):
     return data
 
 
-def pair_margins(records, field: str) -> list[float]:
-    """The `field` value of each pair encode_pairs keeps (chosen != rejected), NaN where the record has none."""
-    from medgpt.data.formats import iter_raw
-    from medgpt.errors import DataError
-
-    raw: dict[str, object] = {}
-    for path in dict.fromkeys(r.source.rsplit(":", 1)[0] for r in records):  # records keep "path:line" as their source
-        raw.update((f"{path}:{line}", rec.get(field)) for line, rec in iter_raw(Path(path)) if isinstance(rec, dict))
-    out = []
-    for rec in records:
-        if rec.chosen.strip() == rec.rejected.strip():
-            continue  # dropped by encode_pairs
-        value = raw.get(rec.source)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)):
-            raise DataError(f"{rec.source}: field '{field}' must be a number (the pair's reward margin), got {value!r}.")
-        out.append(math.nan if value is None else float(value))
-    return out
+def pair_margins(records) -> list[float]:
+    """The margin of each pair encode_pairs keeps (chosen != rejected), NaN where the record has none."""
+    return [math.nan if r.margin is None else r.margin for r in records if r.chosen.strip() != r.rejected.strip()]
 
 
 def build_model(ctx):
