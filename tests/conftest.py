@@ -16,6 +16,15 @@ CONF = ROOT / "conf"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: one intra-op thread per worker (the tiny model gains ~nothing from two, and
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # two workers x two threads on two cores wait on each other); child runs inherit it
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch may have been imported before this file set it
 
 
 def compose(overrides: list[str] | None = None):
