@@ -14,7 +14,7 @@ import torch
 from conftest import compose
 from omegaconf import OmegaConf
 
-from medgpt.modeling import loader
+from medgpt.modeling import loader, precision
 from medgpt.modeling.loader import Placement, resolve_placement
 
 CAPABILITY = {"t4": (7, 5), "v100": (7, 0), "a100": (8, 0), "h100": (9, 0)}
@@ -29,14 +29,15 @@ def presets():
     return {name: compose([f"hardware={name}"]).hardware for name in ("auto", "cpu", "t4", "a100", "h100")}
 
 
-def fake(monkeypatch, gpu: str | None = None, mps: bool = False, flash_attn: bool = True) -> None:
-    """Make torch see `gpu` (a key of CAPABILITY), or no GPU (then MPS if `mps`)."""
+def fake(monkeypatch, gpu: str | None = None, mps: bool = False, flash_attn: bool = True, cpu_bf16: bool = False) -> None:
+    """Make torch see `gpu` (a key of CAPABILITY), or no GPU (then MPS if `mps`); a CPU with avx512_bf16/amx_bf16 if `cpu_bf16`."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: CAPABILITY[gpu])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: gpu is not None)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(loader, "_flash_attn_installed", lambda: flash_attn)
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: cpu_bf16)
 
 
 def _hw(presets, name, dtype=None):
@@ -50,8 +51,8 @@ TABLE = [
     (None, "cpu", None, True, FP32, OFF),
     (None, "auto", None, False, FP32, OFF),
     (None, "auto", None, True, FP32, OFF),
-    (None, "cpu", "bf16", False, BF16, OFF),  # bf16 on the CPU only when asked: bf16 weights, no autocast (as before)
-    (None, "cpu", "bf16", True, BF16, OFF),
+    (None, "cpu", "bf16", False, BF16, BF),  # bf16 on the CPU: frozen bf16 base, fp32 adapters, CPU autocast
+    (None, "cpu", "bf16", True, FP32, BF),  # full fine-tuning: fp32 master weights, CPU autocast
     ("t4", "t4", None, False, FP16, FP),  # LoRA: frozen fp16 base, fp32 adapters, fp16 AMP
     ("t4", "t4", None, True, FP32, FP),  # full fine-tuning: fp32 master weights, fp16 AMP
     ("t4", "auto", None, False, FP16, FP),

@@ -1,11 +1,13 @@
 """PEFT adapters: LoRA, DoRA and QLoRA (LoRA over a 4/8-bit base), or full fine-tuning for lora=none.
 
-Precision of what trains. `apply_adapter` leaves no trainable weight in fp16: the LoRA weights are
-cast to fp32 over an fp16 or bf16 base (PEFT's `autocast_adapter_dtype=True`, passed explicitly), and any
-other trainable fp16 weight (modules_to_save, or every weight for lora=none on an fp16 model) is cast
-to fp32 too. fp16 training then runs as autocast with fp32 weights, the only way the Trainer's fp16
-GradScaler works (it refuses fp16 gradients), and Adam updates are not rounded away. The dtypes the
-base model loads in come from medgpt.modeling.precision.
+Precision of what trains. With an adapter every trainable weight is fp32 over an fp16 or bf16 base: the
+LoRA/DoRA weights and added-token rows by PEFT (`autocast_adapter_dtype=True`, passed explicitly), and
+modules_to_save here. For lora=none a trainable fp16 weight is cast to fp32 too; a bf16 one stays
+(medgpt.modeling.precision chose the load dtype knowing every weight trains: fp32 master weights for
+bf16 on the CPU, bf16 weights on a GPU). fp16 training then runs as autocast with fp32 weights, the only
+way the Trainer's fp16 GradScaler works (it refuses fp16 gradients), and in both fp16 and bf16 the
+optimiser state is fp32 and Adam updates are not rounded away (a bf16 weight keeps 8 bits of mantissa:
+an update below 1/256 of it vanishes).
 
 QLoRA on the CPU. bitsandbytes (>= 0.49) has a fast CPU path for 4-bit layers on CPUs with AVX512-BF16:
 the first forward of a `Linear4bit` in eval mode without gradients (the evaluation before training does
@@ -53,7 +55,7 @@ def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_check
     unless lora.modules_to_save already trains the whole module."""
     if lora.name == "none":
         model.requires_grad_(True)
-        _upcast_fp16_trainables(model)
+        _upcast_trainables(model, (torch.float16,))
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -75,7 +77,7 @@ def apply_adapter(model, lora: DictConfig, model_cfg: DictConfig, gradient_check
     )
     model = get_peft_model(model, config, autocast_adapter_dtype=True)  # LoRA weights in fp32 over an fp16/bf16 base
     disable_4bit_cpu_packing(model)
-    _upcast_fp16_trainables(model)
+    _upcast_trainables(model, (torch.float16, torch.bfloat16))  # modules_to_save: PEFT copies them in the base's dtype
     trainable, total = model.get_nb_trainable_parameters()
     log.info("adapter: %s r=%d alpha=%d on %s: %.2fM trainable of %.1fM (%.2f%%)", lora.name, lora.r, lora.alpha,
              _leaf_names(config.target_modules), trainable / 1e6, total / 1e6, 100 * trainable / total)
@@ -115,10 +117,12 @@ def disable_4bit_cpu_packing(model) -> int:
     return unpacked
 
 
-def _upcast_fp16_trainables(model) -> None:
-    """Cast every trainable fp16 weight to fp32 (fp16 mixed precision needs fp32 weights; see the module docstring)."""
-    upcast = [p for p in model.parameters() if p.requires_grad and p.dtype == torch.float16]
+def _upcast_trainables(model, dtypes: tuple[torch.dtype, ...]) -> None:
+    """Cast every trainable weight of one of `dtypes` to fp32 (mixed precision trains fp32 weights; see the module docstring)."""
+    upcast = [p for p in model.parameters() if p.requires_grad and p.dtype in dtypes]
+    if not upcast:
+        return
+    log.info("trainable weights in fp32 over the %s model: %.2fM upcast", str(upcast[0].dtype).removeprefix("torch."),
+             sum(p.numel() for p in upcast) / 1e6)
     for p in upcast:
         p.data = p.data.float()
-    if upcast:
-        log.info("trainable weights in fp32 over the fp16 model: %.2fM upcast", sum(p.numel() for p in upcast) / 1e6)
