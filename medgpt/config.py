@@ -164,6 +164,8 @@ class MethodConfig:
     early_stopping_patience: int = bounded(0, ge=0)
     # NEFTune (Jain et al. 2023): uniform noise of alpha / sqrt(tokens x hidden) on the input embeddings while training; null = off
     neftune_noise_alpha: Optional[float] = bounded(None, gt=0)
+    # the LM head and cross-entropy only where a label is, in chunks (medgpt.stages.token_loss); false = the model's full logits
+    fused_loss: bool = True
 
 
 @dataclass

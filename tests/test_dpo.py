@@ -14,7 +14,7 @@ from medgpt.data.formats import load_records
 from medgpt.data.templates import load_template
 from medgpt.data.tokenize import IGNORE, encode_response
 from medgpt.errors import DataError
-from medgpt.stages.preference import LossInputs, preference_loss, sequence_logps
+from medgpt.stages.preference import LossInputs, preference_loss
 
 # two pairs: summed log-probs (policy, reference) and response lengths
 PC, PR, RC, RR = [-12.0, -20.0], [-15.0, -18.0], [-13.0, -19.0], [-14.0, -19.5]
@@ -67,15 +67,6 @@ def test_sft_weight_adds_the_chosen_nll():
     mixed, _ = preference_loss(x, "sigmoid", BETA, sft_weight=0.5)
     nll = sum(-pc / lc for pc, lc in zip(PC, LC)) / 2
     assert mixed.item() - plain.item() == pytest.approx(0.5 * nll, abs=1e-6)
-
-
-def test_sequence_logps_sums_labelled_tokens_only():
-    torch.manual_seed(0)
-    logits = torch.randn(1, 4, 7)
-    labels = torch.tensor([[IGNORE, 3, IGNORE, 5]])
-    logps, n = sequence_logps(logits, labels)
-    lp = logits.log_softmax(-1)
-    assert n.item() == 2 and logps.item() == pytest.approx((lp[0, 0, 3] + lp[0, 2, 5]).item(), abs=1e-5)
 
 
 def test_both_medicalgpt_preference_forms_load():

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medgpt.stages.preference import PreferenceTrainer, Reference, _model_inputs, sequence_logps
+from medgpt.modeling.token_logps import sequence_logps
+from medgpt.stages.preference import PreferenceTrainer, Reference, model_inputs
 
 LOSSES = ("kto", "apo_zero_unpaired")
 REPORTED = ("eval_loss", "eval_kl", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins", "eval_logps/chosen",
@@ -54,18 +55,18 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tens
     return losses.nanmean(), metrics
 
 
-def forward_logps(model, batch: dict, prefix: str = "") -> torch.Tensor:
+def forward_logps(model, batch: dict, prefix: str = "", labelled_only: bool = True) -> torch.Tensor:
     """Summed completion log-probs of the rows `<prefix>input_ids` (labels `<prefix>labels`) under `model`."""
     rows = {k: batch[prefix + k] for k in ("input_ids", "attention_mask") if prefix + k in batch}
-    return sequence_logps(model(**_model_inputs(rows)).logits, batch[prefix + "labels"])[0]
+    return sequence_logps(model, model_inputs(rows), batch[prefix + "labels"], labelled_only)[0]
 
 
 @torch.no_grad()
-def reference_logps(reference: Reference, policy, batch: dict, prefix: str = "") -> torch.Tensor:
+def reference_logps(reference: Reference, policy, batch: dict, prefix: str = "", labelled_only: bool = True) -> torch.Tensor:
     if reference.kind == "adapter-disabled":
         with policy.disable_adapter():
-            return forward_logps(policy, batch, prefix)
-    return forward_logps(reference.model, batch, prefix)
+            return forward_logps(policy, batch, prefix, labelled_only)
+    return forward_logps(reference.model, batch, prefix, labelled_only)
 
 
 class KTOTrainer(PreferenceTrainer):
@@ -75,15 +76,15 @@ class KTOTrainer(PreferenceTrainer):
     examples. Logs loss, kl, rewards/chosen, rewards/rejected, rewards/margins (difference of the means), logps/*."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        m = self.method
+        m, fused = self.method, self.labelled_only(model)
         kl = None
         if needs_kl(m.loss):
             with torch.no_grad():
-                kl_logps = forward_logps(model, inputs, "kl_")
-            ref_kl_logps = reference_logps(self.reference, model, inputs, "kl_")
+                kl_logps = forward_logps(model, inputs, "kl_", fused)
+            ref_kl_logps = reference_logps(self.reference, model, inputs, "kl_", fused)
             kl = kl_estimate(kl_logps, ref_kl_logps, self.accelerator.gather if self.accelerator.num_processes > 1 else None)
-        ref = reference_logps(self.reference, model, inputs)
-        logps = forward_logps(model, inputs)
+        ref = reference_logps(self.reference, model, inputs, labelled_only=fused)
+        logps = forward_logps(model, inputs, labelled_only=fused)
         loss, metrics = kto_loss(logps, ref, inputs["desirable"], kl, m.beta, m.desirable_weight, m.undesirable_weight, m.loss)
         self.store({**metrics, **({"kl": kl.reshape(1)} if kl is not None else {})}, model.training)
         return (loss, metrics) if return_outputs else loss

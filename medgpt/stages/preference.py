@@ -28,22 +28,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from transformers import Trainer
 
-from medgpt.data.tokenize import IGNORE
 from medgpt.modeling.loader import load_model
+from medgpt.modeling.token_logps import sequence_logps
 from medgpt.stages.sampling import SeededSampling
+from medgpt.stages.token_loss import LabelledLoss
 from medgpt.tracking.rundir import resolve_run
 
 log = logging.getLogger(__name__)
 
 REFERENCE_FREE = ("orpo", "simpo")
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled tokens of each row, and how many tokens were labelled."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != IGNORE
-    picked = torch.gather(logits, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (picked * mask).sum(-1), mask.sum(-1)
 
 
 @dataclass
@@ -136,15 +129,14 @@ class Reference:
         self.kind, self.description, self.model = kind, description, model  # kind: adapter-disabled | frozen | none
 
     @torch.no_grad()
-    def logps(self, policy, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def logps(self, policy, batch: dict, labelled_only: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.kind == "none":
             return None
         if self.kind == "adapter-disabled":
             with policy.disable_adapter():
-                logits = policy(**_model_inputs(batch)).logits
+                logps, _ = sequence_logps(policy, model_inputs(batch), batch["labels"], labelled_only)
         else:
-            logits = self.model(**_model_inputs(batch)).logits
-        logps, _ = sequence_logps(logits, batch["labels"])
+            logps, _ = sequence_logps(self.model, model_inputs(batch), batch["labels"], labelled_only)
         half = logps.shape[0] // 2
         return logps[:half], logps[half:]
 
@@ -158,14 +150,15 @@ def frozen_copy(model):
     return ref
 
 
-def _model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch} | {"use_cache": False}
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
-class PairMetricsTrainer(SeededSampling, Trainer):
+class PairMetricsTrainer(LabelledLoss, SeededSampling, Trainer):
     """A Trainer for losses over stacked [chosen; rejected] rows (DPO, KTO, the reward model): loss-only evaluation,
     per-example metrics kept with `store` and averaged into each log row. Length-grouped batches are seeded per
-    epoch (medgpt.stages.sampling), so a resumed run sees the same pairs."""
+    epoch (medgpt.stages.sampling), so a resumed run sees the same pairs. Log-probs of labelled tokens take the
+    labelled-positions path where it applies (medgpt.stages.token_loss)."""
 
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let the Trainer divide by gradient accumulation
 
@@ -202,13 +195,13 @@ class PreferenceTrainer(PairMetricsTrainer):
         self.method, self.reference = method, reference
 
     def loss_inputs(self, model, batch: dict) -> LossInputs:
-        logps, tokens = sequence_logps(model(**_model_inputs(batch)).logits, batch["labels"])
+        logps, tokens = sequence_logps(model, model_inputs(batch), batch["labels"], self.labelled_only(model))
         half = logps.shape[0] // 2
         x = LossInputs(logps[:half], logps[half:], tokens[:half].clamp(min=1), tokens[half:].clamp(min=1))
         if "ref_chosen_logps" in batch:
             x.ref_chosen, x.ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif self.reference.kind != "none":
-            x.ref_chosen, x.ref_rejected = self.reference.logps(model, batch)
+            x.ref_chosen, x.ref_rejected = self.reference.logps(model, batch, self.labelled_only(model))
         return x
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -279,11 +279,14 @@ def make_trainer(cfg: DictConfig, run: RunDir, setup: Setup, model, parts: Train
         else:
             callbacks.append(EarlyStopping(patience))
     from medgpt.stages.sampling import seeded
+    from medgpt.stages.token_loss import LabelledLoss, LMTrainer
     from medgpt.tracking.metrics import quiet_progress
 
-    trainer_cls = seeded(parts.trainer_cls or Trainer)  # method.group_by_length: the same batches after a resume
+    trainer_cls = seeded(parts.trainer_cls or LMTrainer)  # method.group_by_length: the same batches after a resume
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=parts.collator,
                           processing_class=setup.tokenizer, callbacks=callbacks, **parts.trainer_kwargs)
+    if isinstance(trainer, LabelledLoss):
+        trainer.fused_loss = cfg.method.fused_loss
     fsdp_on_cpu(trainer)
     quiet_progress(trainer)  # the progress bar without the log dicts beside it (metrics.jsonl has them)
     return trainer
