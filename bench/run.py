@@ -1,6 +1,6 @@
 """`make bench`: medgpt side by side with its peers; writes bench/results/latest.json and the table in bench/README.md.
 
-    make bench                                        # every row (~15 min on 2 idle CPU cores)
+    make bench                                        # every row (~15 min on 2 idle CPU cores before sft_vs_trl_bf16 joined)
     BENCH_ROWS=sft_vs_trl,dpo_vs_trl make bench       # only these rows (their groups' other sides are skipped)
     BENCH_QUICK=1 make bench                          # smoke: tiny model, 2 steps, 1 repetition -> bench/results/quick.json
     BENCH_QUICK=1 BENCH_MODEL=smollm2-135m make bench # the same smoke on the real model (checks its paths, not its speed)
@@ -29,9 +29,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.harness import Side, machine, measure_group, ratio  # noqa: E402
 
-GOALS = {"sft_vs_trl": 1.3, "sft_default_vs_trl_default": 1.5, "sft_vs_padded_trainer": 2.5, "dpo_vs_trl": 1.5, "pt_vs_run_clm": 1.2,
-         "serve_vs_sequential": 5.0, "serve_vs_transformers_serve": 1.5, "serve_vs_transformers_serve_32": 1.5, "eval_vs_lm_eval": 2.0}
-ROWS = ["sft_vs_trl", "sft_default_vs_trl_default", "sft_vs_padded_trainer", "dpo_vs_trl", "pt_vs_run_clm", "serve_vs_sequential",
+GOALS = {"sft_vs_trl": 1.3, "sft_vs_trl_bf16": 1.3, "sft_default_vs_trl_default": 1.5, "sft_vs_padded_trainer": 2.5, "dpo_vs_trl": 1.5,
+         "pt_vs_run_clm": 1.2, "serve_vs_sequential": 5.0, "serve_vs_transformers_serve": 1.5, "serve_vs_transformers_serve_32": 1.5,
+         "eval_vs_lm_eval": 2.0}
+ROWS = ["sft_vs_trl", "sft_vs_trl_bf16", "sft_default_vs_trl_default", "sft_vs_padded_trainer", "dpo_vs_trl", "pt_vs_run_clm", "serve_vs_sequential",
         "serve_vs_transformers_serve", "serve_vs_transformers_serve_32", "eval_vs_lm_eval", "sft_fraction_of_limit"]
 README_START, README_END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
@@ -60,8 +61,9 @@ def groups(s: dict) -> list[dict]:
     dpo = train_overrides(s, "dpo", s["dpo_steps"], ["data=dpo_demo", "method.max_length=512", "hardware.batch_size=2",
                                                       f"data.max_samples={2 * s['dpo_steps']}"])
     pt = train_overrides(s, "pt", s["pt_steps"], ["data=pretrain_demo", "method.max_length=256", "hardware.batch_size=4"])
-    default = [f"model={s['model']}", "method=sft", "hardware=cpu", f"method.max_steps={s['default_steps']}", "method.eval_steps=0",
-               "method.sample_questions=0"]
+    sft_bf16 = [*sft, "hardware.dtype=bf16"]  # both sides bf16 autocast on the CPU (TRL: bf16=True)
+    default = [f"model={s['model']}", "method=sft", "hardware=auto", f"method.max_steps={s['default_steps']}", "method.eval_steps=0",
+               "method.sample_questions=0"]  # hardware=auto: medgpt's own default (bf16 on CPUs with avx512_bf16/amx_bf16)
     tr = "bench.train_sides"
     trl_variants = ("grouped", "padding_free", "packing")
     return [
@@ -70,7 +72,11 @@ def groups(s: dict) -> list[dict]:
              {"sft_vs_trl", "sft_vs_padded_trainer", "sft_fraction_of_limit"}),
             *[(Side(f"trl_{v}", f"{tr}:trl_sft", {"overrides": sft, "variant": v}), {"sft_vs_trl"}) for v in trl_variants],
             (Side("padded_trainer", f"{tr}:padded_trainer", {"overrides": sft}), {"sft_vs_padded_trainer"})]},
-        {"name": "sft_default", "overrides": default, "sides": [
+        {"name": "sft_bf16", "overrides": sft_bf16, "dtype": "bf16 autocast (both sides)", "sides": [
+            (Side("medgpt", f"{tr}:medgpt_stage", {"overrides": sft_bf16}), {"sft_vs_trl_bf16"}),
+            *[(Side(f"trl_{v}", f"{tr}:trl_sft", {"overrides": sft_bf16, "variant": v, "bf16": True}), {"sft_vs_trl_bf16"})
+              for v in trl_variants]]},
+        {"name": "sft_default", "overrides": default, "dtype": "each side's default", "sides": [
             (Side("medgpt", f"{tr}:medgpt_stage", {"overrides": default}), {"sft_default_vs_trl_default"}),
             (Side("trl_default", f"{tr}:trl_sft_default", {"overrides": default, "steps": s["default_steps"]}), {"sft_default_vs_trl_default"})]},
         {"name": "dpo", "overrides": dpo, "sides": [
@@ -90,6 +96,11 @@ def groups(s: dict) -> list[dict]:
             (Side("medgpt", "bench.eval_sides:medgpt_eval", {"model": s["model"], "limit": s["eval_limit"]}), {"eval_vs_lm_eval"}),
             (Side("lm_eval", "bench.eval_sides:lm_eval_harness", {"model": s["model"], "limit": s["eval_limit"]}), {"eval_vs_lm_eval"})]},
     ]
+
+
+def precisions(res: dict) -> dict:
+    """{side: the precision its first measurement ran} for the training sides (bench.train_sides.precision)."""
+    return {k: v["runs"][0]["precision"] for k, v in res.items() if v.get("runs") and "precision" in v["runs"][0]}
 
 
 def median_of(side: dict, key: str) -> float | None:
@@ -117,25 +128,26 @@ def _round(x: float | None) -> float | None:
 def rows_of(group: dict, res: dict, s: dict, wanted: set[str]) -> list[dict]:
     """The result rows a group's measurements make."""
     g, out = group["name"], []
-    base = {"model": s["model"], "dtype": "fp32 (both sides)", "repetitions": s["repetitions"], "order": "alternating, median",
-            "overrides": group["overrides"]}
+    base = {"model": s["model"], "dtype": group.get("dtype", "fp32 (both sides)"), "repetitions": s["repetitions"],
+            "order": "alternating, median", "overrides": group["overrides"], "precision": precisions(res)}
     lora = {"r": 8, "alpha": 16, "dropout": 0, "targets": "every linear layer but the LM head"}
     med = res.get("medgpt", {}).get("median")
-    if g == "sft":
+    if g in ("sft", "sft_bf16"):
         cfg = {**base, "data": "data/sft/medical_demo_en.jsonl (medgpt's tokenised rows on every side)", "max_length": 512, "batch": 4,
                "optimizer_steps": s["sft_steps"], "lora": lora,
                "counted": "non-padding tokens of training forwards / seconds of the training loop"}
-        if "sft_vs_trl" in wanted:
+        name = "sft_vs_trl" if g == "sft" else "sft_vs_trl_bf16"
+        if name in wanted:
             variants = {k: res[k]["median"] for k in res if k.startswith("trl_") and res[k]["median"]}
             best = max(variants, key=variants.get) if variants else "trl_grouped"
-            out.append(row("sft_vs_trl", med, variants.get(best), "tokens/s",
+            out.append(row(name, med, variants.get(best), "tokens/s",
                            {**cfg, "peer": f"TRL SFTTrainer, fastest of {sorted(variants) or 'none'}",
                             "peer_variants_tokens_per_s": {k: _round(v) for k, v in variants.items()}}, res, best, peer_variant=best))
-        if "sft_vs_padded_trainer" in wanted:
+        if g == "sft" and "sft_vs_padded_trainer" in wanted:
             out.append(row("sft_vs_padded_trainer", med, res.get("padded_trainer", {}).get("median"), "tokens/s",
                            {**cfg, "peer": "transformers Trainer + DataCollatorForSeq2Seq (padded to the batch's longest), random batches"},
                            res, "padded_trainer"))
-        if "sft_fraction_of_limit" in wanted and res.get("medgpt", {}).get("runs"):
+        if g == "sft" and "sft_fraction_of_limit" in wanted and res.get("medgpt", {}).get("runs"):
             import statistics
 
             runs = res["medgpt"]["runs"]
@@ -150,11 +162,11 @@ def rows_of(group: dict, res: dict, s: dict, wanted: set[str]) -> list[dict]:
                            res, "medgpt"))
     elif g == "sft_default" and "sft_default_vs_trl_default" in wanted:
         out.append(row("sft_default_vs_trl_default", med, res.get("trl_default", {}).get("median"), "tokens/s",
-                       {**base, "medgpt": "launch.py method=sft (defaults: data=medical_demo, lora r16 alpha32 dropout 0.05, batch 4, "
-                                          "max_length 512, length-grouped)",
-                        "peer": "SFTTrainer(model, train_dataset={'messages'}, peft_config=the same LoRA) with SFTConfig defaults "
-                                "(batch 8, max_length 1024, random batches, loss on every token); bf16=False (its default bf16=True "
-                                "would not be the same dtype)", "optimizer_steps": s["default_steps"],
+                       {**base, "medgpt": "launch.py method=sft (defaults: hardware=auto, data=medical_demo, lora r16 alpha32 dropout "
+                                          "0.05, batch 4, max_length 512, length-grouped)",
+                        "peer": "SFTTrainer(model in fp32, train_dataset={'messages'}, peft_config=the same LoRA) with SFTConfig "
+                                "defaults (batch 8, max_length 1024, random batches, loss on every token, gradient checkpointing, "
+                                "bf16=True) and use_cpu=True", "optimizer_steps": s["default_steps"],
                         "counted": "non-padding tokens of training forwards / seconds of the training loop"}, res, "trl_default"))
     elif g == "dpo" and "dpo_vs_trl" in wanted:
         variants = {k: res[k]["median"] for k in res if k.startswith("trl_") and res[k]["median"]}

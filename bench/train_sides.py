@@ -5,7 +5,11 @@ tests/conftest.py does) and runs the stage's own code path: prepare -> the stage
 build_model (LoRA) -> the stage's training parts (collator, sampler, Trainer class) -> make_trainer -> train().
 The peers get the same model folder, the same tokenised rows (medgpt's data, so every side trains on exactly the
 same tokens and labels; the default-vs-default row is the exception: TRL tokenises the dialogues itself, as a user
-of TRL gets it), the same LoRA (r, alpha, targets, dropout), batch size, learning rate, schedule and steps, in fp32.
+of TRL gets it), the same LoRA (r, alpha, targets, dropout), batch size, learning rate, schedule and steps, and the
+same dtype: fp32 on both sides, or bf16 autocast on both sides (`bf16=True`; medgpt `hardware.dtype=bf16`), except the
+default-vs-default row, where each side runs the precision its defaults give (medgpt `hardware=auto`, TRL's SFTConfig
+bf16=True). Each measurement records the precision it actually ran (`precision`: frozen and trained weight dtypes,
+autocast), read from the Trainer and its model.
 
 What is counted, the same way on every side: a forward pre-hook on the trained model counts the non-padding tokens of
 every training forward (attention_mask.sum(), or every position of a padding-free / packed row, which has none);
@@ -79,7 +83,18 @@ def meter():
     return Meter()
 
 
+def precision(trainer) -> str:
+    """What a side really ran: e.g. "frozen bfloat16, trained float32, bf16 autocast" (read from the Trainer, not the config)."""
+    def dtypes(trains: bool) -> str:
+        found = {str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad == trains}
+        return "/".join(sorted(found)) or "none"
+
+    amp = "bf16 autocast" if trainer.args.bf16 else "fp16 autocast" if trainer.args.fp16 else "no autocast"
+    return f"frozen {dtypes(False)}, trained {dtypes(True)}, {amp}"
+
+
 def timed_train(trainer, model, extra_seconds: float = 0.0, pairs_per_step: int | None = None) -> dict:
+    ran = precision(trainer)
     m = meter()
     m.hook(model)
     trainer.add_callback(m)
@@ -88,8 +103,8 @@ def timed_train(trainer, model, extra_seconds: float = 0.0, pairs_per_step: int 
     seconds = m.seconds + extra_seconds
     if pairs_per_step:
         return {"value": m.steps * pairs_per_step / seconds, "pairs": m.steps * pairs_per_step, "seconds": round(seconds, 3),
-                "steps": m.steps, "precompute_seconds": round(extra_seconds, 3)}
-    return {"value": m.tokens / seconds, "tokens": m.tokens, "seconds": round(seconds, 3), "steps": m.steps}
+                "steps": m.steps, "precompute_seconds": round(extra_seconds, 3), "precision": ran}
+    return {"value": m.tokens / seconds, "tokens": m.tokens, "seconds": round(seconds, 3), "steps": m.steps, "precision": ran}
 
 
 def gemm_gflops(dtype: str = "fp32", n: int = 2048, repeats: int = 5) -> float:
@@ -174,18 +189,19 @@ def _model(path: str):
     return model
 
 
-def _common_args(cfg, out: str) -> dict:
-    """The Trainer settings every peer shares with medgpt's composed config."""
+def _common_args(cfg, out: str, bf16: bool = False) -> dict:
+    """The Trainer settings every peer shares with medgpt's composed config; `bf16`: CPU bf16 autocast (medgpt hardware.dtype=bf16)."""
     m, hw = cfg.method, cfg.hardware
     return dict(output_dir=out, per_device_train_batch_size=hw.batch_size, gradient_accumulation_steps=1, max_steps=m.max_steps,
                 learning_rate=m.learning_rate, lr_scheduler_type=m.lr_scheduler, warmup_steps=m.warmup_ratio,
                 weight_decay=m.weight_decay, max_grad_norm=m.max_grad_norm, logging_steps=m.max_steps, save_strategy="no",
-                eval_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False, seed=cfg.seed, data_seed=cfg.seed,
+                eval_strategy="no", report_to="none", use_cpu=True, bf16=bf16, fp16=False, seed=cfg.seed, data_seed=cfg.seed,
                 disable_tqdm=True)
 
 
-def trl_sft(overrides: list[str], variant: str):
-    """TRL's SFTTrainer on medgpt's tokenised rows: variant grouped | padding_free | packing | padded."""
+def trl_sft(overrides: list[str], variant: str, bf16: bool = False):
+    """TRL's SFTTrainer on medgpt's tokenised rows: variant grouped | padding_free | packing | padded; `bf16`: bf16=True
+    (fp32 weights, CPU bf16 autocast: TRL's own way to train in bf16, its default model dtype being fp32)."""
     from trl import SFTConfig, SFTTrainer
 
     cfg, ctx = _shared(overrides)
@@ -196,7 +212,7 @@ def trl_sft(overrides: list[str], variant: str):
              "packing": {"packing": True, "packing_strategy": "bfd"}, "padded": {}}[variant]
 
     def measure() -> dict:
-        args = SFTConfig(**{**_common_args(cfg, scratch("trl-bench-")), "max_length": cfg.method.max_length, **flags})
+        args = SFTConfig(**{**_common_args(cfg, scratch("trl-bench-"), bf16), "max_length": cfg.method.max_length, **flags})
         trainer = SFTTrainer(model=_model(ctx.setup.model_path), args=args, train_dataset=train, processing_class=ctx.setup.tokenizer,
                              peft_config=_lora(cfg))
         return timed_train(trainer, trainer.model)
@@ -206,8 +222,10 @@ def trl_sft(overrides: list[str], variant: str):
 
 def trl_sft_default(overrides: list[str], steps: int):
     """TRL's SFTTrainer as its documentation starts a user: conversational data ({"messages"}), SFTConfig defaults
-    (batch 8, max_length 1024, no grouping, loss on every token), the model's own chat template; fp32 (bf16=False:
-    SFTConfig's default bf16=True would be a different dtype from medgpt's fp32 on this CPU)."""
+    (batch 8, max_length 1024, no grouping, loss on every token, gradient checkpointing on, bf16=True: fp32 weights
+    under CPU bf16 autocast, trl 1.16), the model's own chat template. use_cpu=True is the one setting a CPU needs:
+    without it TrainingArguments refuses bf16=True where no GPU supports it. The model is loaded in fp32, what
+    SFTTrainer(model=<path>) loads by default. Not timed or counted differently: report_to, saving, tqdm, logging."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -219,7 +237,7 @@ def trl_sft_default(overrides: list[str], steps: int):
 
     def measure() -> dict:
         args = SFTConfig(output_dir=scratch("trl-bench-"), max_steps=steps, report_to="none", save_strategy="no",
-                         use_cpu=True, bf16=False, disable_tqdm=True, logging_steps=steps)
+                         use_cpu=True, disable_tqdm=True, logging_steps=steps)
         trainer = SFTTrainer(model=_model(ctx.setup.model_path), args=args, train_dataset=train, processing_class=ctx.setup.tokenizer,
                              peft_config=_lora(cfg))
         return timed_train(trainer, trainer.model)

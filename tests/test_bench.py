@@ -83,6 +83,43 @@ def test_sft_rows_pick_trls_fastest_variant_and_compute_the_fraction_of_the_gemm
     assert "6 * N * tokens/s" in frac["config"]["formula"]
 
 
+def test_the_bf16_row_runs_both_sides_in_bf16_and_the_default_row_each_sides_own_default():
+    s = bench_run.settings(quick=True)
+    groups = {g["name"]: g for g in bench_run.groups(s)}
+    sides = {side.name: side for side, _ in groups["sft_bf16"]["sides"]}
+    assert set(sides) == {"medgpt", "trl_grouped", "trl_padding_free", "trl_packing"}  # the peer variants of sft_vs_trl
+    assert sides["medgpt"].kwargs["overrides"] == [*groups["sft"]["overrides"], "hardware.dtype=bf16"]
+    assert all(side.kwargs["bf16"] is True for name, side in sides.items() if name != "medgpt")
+    assert all("bf16" not in side.kwargs for side, _ in groups["sft"]["sides"])  # the fp32 pair stays fp32 on both sides
+    default = {side.name: side for side, _ in groups["sft_default"]["sides"]}
+    assert "hardware=auto" in default["medgpt"].kwargs["overrides"] and "hardware=cpu" not in default["medgpt"].kwargs["overrides"]
+    assert "bf16" not in default["trl_default"].kwargs  # SFTConfig's own bf16 default (True)
+    ran = {"medgpt": "frozen bfloat16, trained float32, bf16 autocast", "trl_grouped": "frozen float32, trained float32, bf16 autocast"}
+    res = {"medgpt": fake(200.0, precision=ran["medgpt"]), "trl_grouped": fake(160.0, precision=ran["trl_grouped"]),
+           "trl_padding_free": fake(100.0, precision=ran["trl_grouped"])}
+    rows = bench_run.rows_of(groups["sft_bf16"], res, s, set(bench_run.ROWS))
+    assert [r["name"] for r in rows] == ["sft_vs_trl_bf16"]  # the padded-trainer and GEMM rows come from the fp32 group only
+    r = rows[0]
+    assert (r["medgpt"], r["peer"], r["ratio"], r["peer_variant"], r["goal"]) == (200.0, 160.0, 1.25, "trl_grouped", 1.3)
+    assert r["config"]["dtype"] == "bf16 autocast (both sides)" and r["config"]["precision"]["medgpt"] == ran["medgpt"]
+
+
+def test_precision_is_read_from_the_trainer():
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.train_sides import precision
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2).bfloat16(), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(bf16=True, fp16=False))
+    assert precision(trainer) == "frozen bfloat16, trained float32, bf16 autocast"
+    trainer.args.bf16 = False
+    model[0].float().requires_grad_(True)
+    assert precision(trainer) == "frozen none, trained float32, no autocast"
+
+
 def test_serving_rows_come_from_the_phases_of_each_repetition_and_a_broken_peer_is_recorded():
     s = bench_run.settings(quick=True)
     group = next(g for g in bench_run.groups(s) if g["name"] == "serve")
