@@ -47,6 +47,7 @@ class Limits:
     also: tuple = ()  # accepted besides the bounds, e.g. method.max_steps=-1 (off)
     options: tuple = ()  # a closed choice
     registry: Optional[str] = None  # "module:function" returning the choice's names (a registry, e.g. serving engines)
+    hint: str = ""  # said after a refused choice: what to do instead (e.g. how to get a value medgpt cannot produce)
 
     def names(self) -> tuple:
         """The closed choice: `options`, or what the registry holds now (read on every check, so a registered name counts)."""
@@ -61,7 +62,7 @@ class Limits:
             return None
         if self.options or self.registry:
             names = self.names()
-            return None if value in names else f"is not one of {', '.join(map(str, names))}."
+            return None if value in names else f"is not one of {', '.join(map(str, names))}." + (f" {self.hint}" if self.hint else "")
         rules = [(">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)]
         # written as `not (value >= bound)`, so NaN is refused too
         passes = {">=": lambda b: value >= b, ">": lambda b: value > b, "<=": lambda b: value <= b, "<": lambda b: value < b}
@@ -85,9 +86,10 @@ def bounded(default: Any, *, ge: Optional[float] = None, gt: Optional[float] = N
     return _limited_field(default, Limits(ge=ge, gt=gt, le=le, lt=lt, also=also))
 
 
-def choice(default: Any, *options: Any) -> Any:
-    """A schema field that takes one of `options` (the default among them, or MISSING/None): `choice("hf", "hf", "vllm")`."""
-    return _limited_field(default, Limits(options=options))
+def choice(default: Any, *options: Any, hint: str = "") -> Any:
+    """A schema field that takes one of `options` (the default among them, or MISSING/None): `choice("hf", "hf", "vllm")`;
+    `hint` is said after a refusal."""
+    return _limited_field(default, Limits(options=options, hint=hint))
 
 
 def registered(default: Any, registry: str) -> Any:
@@ -301,7 +303,9 @@ class ExportConfig:
 
     format: str = choice("gguf", "gguf", "bnb", "merged")  # written to <run>/export/<format>/ with export_report.json
     # gguf tensor type; the gguf package cannot write K-quants (q4_k_m, ...): convert with llama.cpp's quantize for those
-    gguf_type: str = choice("q8_0", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+    gguf_type: str = choice("q8_0", "f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0",
+                            hint="K-quants (q4_k_m, q5_k_m, ...) cannot be written by the gguf package: export q8_0 or f16 and "
+                                 "convert it with llama.cpp's llama-quantize.")
     bnb: str = choice("nf4", "nf4", "fp4", "int8")  # bitsandbytes type of export.format=bnb
     dtype: str = choice("auto", "auto", "fp16", "bf16", "fp32")  # export.format=merged (auto: bf16 if the run trained in bf16, else fp16)
     prompts: int = bounded(3, ge=1, le=8)  # fixed prompts the round trip compares (logits and greedy answers)

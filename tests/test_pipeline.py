@@ -44,6 +44,9 @@ def test_merge_report_shows_parity(pipeline_run):
                  "medgpt_template.yaml"):
         assert (merged / name).exists(), name
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    card = (merged / "README.md").read_text()  # the model card: what it is, from what, and not medical advice
+    assert card.startswith("# 3-dpo (merged: ") and "mode=merge run=<run>" in card and "Method: dpo" in card
+    assert "round trip verified: True" in card and "Not medical advice" in card
 
 
 @pytest.mark.slow  # several end-to-end runs: make test-slow (in CI) keeps the fast suite fast

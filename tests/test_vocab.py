@@ -165,6 +165,8 @@ def test_merge_keeps_the_token_its_row_and_every_other_row(trained, merged):
 
     report = json.loads((merged / "merge_report.json").read_text())
     assert report["greedy_equal"] and report["max_logit_diff"] < 5e-3  # LoRA merged in fp32: rounding only
+    card = (merged / "README.md").read_text()  # merged/ carries a model card like every export
+    assert "(merged: float32 safetensors)" in card and "mode=merge run=<run>" in card and "Not medical advice" in card
     tok = AutoTokenizer.from_pretrained(merged)
     assert tok("糖尿病", add_special_tokens=False)["input_ids"] == [49152]
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)

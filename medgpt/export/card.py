@@ -23,8 +23,9 @@ def _eval_lines(run: RunDir) -> list[str]:
     return lines
 
 
-def model_card(run_dir: Path, export_format: str, detail: str, report: dict) -> str:
-    """README.md text for `<run>/export/<format>/`."""
+def model_card(run_dir: Path, export_format: str, detail: str, report: dict, command: str | None = None,
+               report_name: str = "export_report.json") -> str:
+    """README.md text for `<run>/export/<format>/` (and `<run>/merged/`: export_format "merged", the mode=merge command)."""
     run = RunDir(run_dir)
     summary = run.read_summary()
     cfg = OmegaConf.load(run.config) if run.config.exists() else OmegaConf.create({})
@@ -38,14 +39,14 @@ def model_card(run_dir: Path, export_format: str, detail: str, report: dict) -> 
     lines = [
         f"# {run.path.name} ({export_format}: {detail})",
         "",
-        "Exported by medgpt (`python launch.py mode=export run=<run> export.format=" + export_format + "`).",
+        f"Exported by medgpt (`{command or 'python launch.py mode=export run=<run> export.format=' + export_format}`).",
         "",
         "## Model",
         f"- Base model: `{pick('model.name_or_path') or '?'}` (weights from `{base}`)",
         f"- Method: {method or '?'}" + (f" with {lora}" if lora and lora != "none" else "") +
         (f"; trained {summary.get('steps')} steps" if summary.get("steps") is not None else ""),
         f"- Chat template: {summary.get('template') or pick('template.name') or 'the tokenizer’s own'} (saved with the tokenizer)",
-        f"- Export: {export_format} {detail}; round trip verified: {verified} (export_report.json)",
+        f"- Export: {export_format} {detail}; round trip verified: {verified} ({report_name})",
         "",
         "## Data provenance",
         f"- Dataset config: `{pick('data.name') or '?'}`; training files: {', '.join(f'`{f}`' for f in files) or '?'}",

@@ -2,7 +2,8 @@
 
 Writes `<run>/merged/`: safetensors weights in `merge.dtype`, config (with the run's resized vocabulary and RoPE
 scaling, medgpt.modeling.vocab / rope), generation config (stop tokens),
-the tokenizer with the chat template training used, and `merge_report.json` — greedy answers of the
+the tokenizer with the chat template training used, a model card (README.md: base model, method, data, eval
+results, intended use, not medical advice), and `merge_report.json` — greedy answers of the
 adapter model and of the merged model (reloaded from disk) on fixed prompts, whether they are equal,
 and the largest logit difference. The folder is written next to it and renamed into place, so a
 crash never leaves a half-merged model. Refuses runs without an adapter (a full fine-tune's model/
@@ -25,6 +26,7 @@ from omegaconf import DictConfig
 
 from medgpt.data.templates import SAVED_TEMPLATE, Template, load_saved_template, stop_token_ids
 from medgpt.errors import ConfigError
+from medgpt.export.card import model_card
 from medgpt.modeling.generate import generate_answers
 from medgpt.modeling.loader import DTYPES, Placement, load_model
 from medgpt.registry import register
@@ -92,6 +94,9 @@ def merge_run(run_dir: Path, dtype: str = "auto", parity_prompts: int = 3) -> Pa
             "max_logit_diff": float((logits_adapter - logits_merged).abs().max()),
         }
         write_json(tmp / "merge_report.json", report)
+        card = model_card(run_dir, "merged", f"{report['dtype']} safetensors", {"verified": report["greedy_equal"]},
+                          "python launch.py mode=merge run=<run>", "merge_report.json: greedy answers equal before and after merging")
+        (tmp / "README.md").write_text(card)
         with run.update_lock():  # merged/ appears whole, and never while another mode adds to the run
             if out.exists():
                 shutil.rmtree(out)
