@@ -43,21 +43,25 @@ def compose(overrides: list[str] | None = None):
 IMPORT_TIME_ENV = {"HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE"}
 
 
-def launch(*args: str, timeout: int = 300, env: dict | None = None, subprocess_only: bool = False) -> subprocess.CompletedProcess:
-    """Run `python launch.py args...` from the project root; returns the finished process (never raises).
+def launch(*args: str, timeout: int = 300, env: dict | None = None, subprocess_only: bool = False,
+           input: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python launch.py args...` from the project root, `input` (if given) on its stdin; returns the finished process
+    (never raises).
 
     In this process by default (a fresh interpreter costs ~9 s of CPU importing torch and transformers, and the fast
-    suite launches ~80 runs); in a child process with `subprocess_only=True` (signals, import-time environment,
-    first-time warnings) or when called from a worker thread (concurrent runs share no Hydra state).
+    suite launches ~80 runs); in a child process with `subprocess_only=True` (signals, first-time warnings), when `env`
+    gives an import-time variable a value this process does not have, or when called from a worker thread (concurrent
+    runs share no Hydra state).
     """
-    if subprocess_only or threading.current_thread() is not threading.main_thread() or set(env or {}) & IMPORT_TIME_ENV:
+    import_time_change = any(os.environ.get(k) != v for k, v in (env or {}).items() if k in IMPORT_TIME_ENV)
+    if subprocess_only or threading.current_thread() is not threading.main_thread() or import_time_change:
         full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | (env or {})  # errors as users see them
         return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env=full_env)
-    return launch_in_process(*args, env=env)
+                              env=full_env, input=input)
+    return launch_in_process(*args, env=env, input=input)
 
 
-def launch_in_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch_in_process(*args: str, env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
     """`python launch.py args...` inside this interpreter, with stdout/stderr captured and global state restored."""
     import io
     import logging
@@ -68,7 +72,7 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
 
     from medgpt.cli import main
 
-    saved = (sys.argv, dict(os.environ), os.getcwd(), logging.getLogger().handlers[:], logging.getLogger().level,
+    saved = (sys.argv, sys.stdin, dict(os.environ), os.getcwd(), logging.getLogger().handlers[:], logging.getLogger().level,
              {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)})
     import torch
 
@@ -78,6 +82,7 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
     if env and "OMP_NUM_THREADS" in env:  # what the variable does in a fresh process (torch read it at import here)
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = ["launch.py", *args]
+    sys.stdin = io.StringIO(input or "")  # input() reads it; empty: end of input at once, as `< /dev/null`
     os.chdir(ROOT)
     out, err = io.StringIO(), io.StringIO()
     code: object = 0
@@ -102,8 +107,8 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
     finally:
         logging.config._clearExistingHandlers = clear_all
         GlobalHydra.instance().clear()
-        argv, environ, cwd, handlers, level, signals = saved
-        sys.argv = argv
+        argv, stdin, environ, cwd, handlers, level, signals = saved
+        sys.argv, sys.stdin = argv, stdin
         os.environ.clear()
         os.environ.update(environ)
         os.chdir(cwd)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import launch, read_jsonl, write_jsonl
-from test_serving_support import launch_input, tiny_run
+from test_serving_support import tiny_run
 
 IM = "<|im_start|>{role}\n{content}<|im_end|>\n"
 
@@ -22,7 +22,7 @@ def shown_prompts(stdout: str) -> list[str]:
 
 def test_chat_keeps_history_and_obeys_commands(tmp_path):
     lines = ["What is a fever?", "And a high one?", "/show", "/reset", "Third question", "/show", "/system Be brief.", "Fourth", "/show"]
-    res = launch_input("mode=chat", f"run={tiny_run()}", "generation.max_new_tokens=5", "generation.temperature=0",
+    res = launch("mode=chat", f"run={tiny_run()}", "generation.max_new_tokens=5", "generation.temperature=0",
                        f"hydra.run.dir={tmp_path}", input="\n".join(lines) + "\n")
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout

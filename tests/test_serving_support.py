@@ -28,13 +28,6 @@ def tiny_run() -> Path:
     return run_dir
 
 
-def launch_input(*args: str, input: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """conftest.launch with `input` fed to stdin."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-                          input=input)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

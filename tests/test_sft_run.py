@@ -112,10 +112,10 @@ def test_skip_mode_drops_and_counts(tmp_path):
 
 @pytest.mark.parametrize("path,message", [
     ("/nonexistent/model", "does not exist"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", "hub cannot be reached"),
+    ("medgpt-tests/never-downloaded-model", "hub cannot be reached"),  # a Hub id no cache holds: no private HF_HOME (and child process) needed
 ])
 def test_missing_model_is_one_sentence(tmp_path, data_file, path, message):
-    res = sft(tmp_path / "run", data_file, f"model.name_or_path={path}", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    res = sft(tmp_path / "run", data_file, f"model.name_or_path={path}", env={"HF_HUB_OFFLINE": "1"})
     assert res.returncode == 1 and message in res.stdout + res.stderr and "Traceback" not in res.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"
 
