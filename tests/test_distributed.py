@@ -108,6 +108,7 @@ def one_process(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow  # a launcher and two ranks, each a fresh interpreter (~40 s of CPU); test_launch.py runs torchrun in the fast suite
 def test_ddp_gives_the_steps_of_one_process(one_process, tmp_path):
     run = tmp_path / "ddp"
     r = launch(*SAME_STEPS, "method.sample_questions=0", "hardware.batch_size=2", *torchrun(), f"hydra.run.dir={run}")
@@ -141,7 +142,7 @@ def test_fsdp_lora_shards_trains_and_saves_a_loadable_adapter(one_process, tmp_p
     assert (after - before).abs().max() > 1e-3
 
 
-@pytest.mark.slow  # the LoRA case above covers the FSDP path in the fast suite
+@pytest.mark.slow  # the LoRA case above covers the FSDP path
 def test_fsdp_full_finetune_saves_a_loadable_model(tmp_path, tiny_path):
     run = tmp_path / "fsdp-full"
     r = launch("model=tiny", "debug=smoke", "method.max_steps=3", "method.learning_rate=1e-3", "lora=none", "fsdp=full_shard",

@@ -98,6 +98,7 @@ def test_no_gpu_is_one_line_and_exit_0(tmp_path):
         "gpu_smoke: no NVIDIA GPU here (nvidia-smi lists none): nothing to do (GPU_SMOKE_CPU=1 runs the steps on the CPU)"]
 
 
+@pytest.mark.slow  # the script end to end: six fresh interpreters (~16 s of CPU)
 def test_a_failing_step_is_a_failed_row_and_exit_1():
     proc = smoke({"GPU_SMOKE_CPU": "1", "GPU_SMOKE_ONLY": "lora-sdpa", "GPU_SMOKE_EXTRA": "method.learning_rate=-1"}, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -60,11 +60,39 @@ def test_a_directory_holding_a_run_is_never_trained_into_again(tmp_path, status)
     assert RunDir.claim(run.path, named_by_user=False).path == tmp_path / "run-2"
 
 
+LIVE_ARGS = ("model=tiny", "debug=smoke", "method.max_steps=2", "method.sample_questions=0")
+
+
+def test_a_launch_into_a_live_runs_directory_is_refused_before_writing(tmp_path):
+    """In this process: a claim held as a live run holds it keeps a launch out (flock locks conflict within one process too);
+    once it is let go the next launch trains there, and a launch after that is refused by the finished run."""
+    from conftest import launch
+
+    args = (*LIVE_ARGS, f"hydra.run.dir={tmp_path / 'b'}")
+    live = RunDir.claim(tmp_path / "b", named_by_user=True)
+    live._write_owner()
+    before = sorted(p.name for p in (tmp_path / "b").iterdir())
+    refused = launch(*args)
+    assert refused.returncode == 1 and "is in use by another run (pid" in refused.stderr and "Traceback" not in refused.stderr
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == before  # nothing written
+    live.release()
+    live.owner_path.unlink()
+    trained = launch(*args)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == [1, 2]
+    config = (tmp_path / "b/config.yaml").read_text()
+    again = launch(*args, "method.learning_rate=3e-3")  # a re-run into the finished directory: refused, its config.yaml untouched
+    assert again.returncode == 1 and "already holds a completed run" in again.stderr
+    assert (tmp_path / "b/config.yaml").read_text() == config
+
+
+@pytest.mark.slow  # two fresh interpreters racing (~15 s of CPU); the test above covers each side in this process
 def test_two_processes_into_one_named_directory_do_not_mix(tmp_path):
     """The reliability check's case, end to end: one trains, the other is refused before writing anything."""
     from conftest import launch
 
-    args = ("model=tiny", "debug=smoke", "method.max_steps=2", "method.sample_questions=0", f"hydra.run.dir={tmp_path / 'b'}")
+    args = (*LIVE_ARGS, f"hydra.run.dir={tmp_path / 'b'}")
     procs = [subprocess.Popen([sys.executable, "launch.py", *args, f"method.learning_rate={lr}"], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for lr in (1e-3, 3e-3)]
     outs = [p.communicate(timeout=300) for p in procs]
