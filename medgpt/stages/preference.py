@@ -17,8 +17,11 @@ ties. ORPO's log(1 − p̄) is computed as log1mexp(ℓ̄), finite (with a finit
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +126,11 @@ def reward_ties(reward_c: torch.Tensor, reward_r: torch.Tensor, scale: torch.Ten
 
 
 class Reference:
-    """Where reference log-probs come from: the policy with its adapter disabled, a frozen model, or nowhere."""
+    """Where reference log-probs come from: the policy with its adapter disabled, a frozen model, or nowhere.
+    `weights` is the folder its weights came from (what names it in the reference log-prob cache)."""
 
-    def __init__(self, kind: str, description: str, model=None):
-        self.kind, self.description, self.model = kind, description, model  # kind: adapter-disabled | frozen | none
+    def __init__(self, kind: str, description: str, model=None, weights: str | None = None):
+        self.kind, self.description, self.model, self.weights = kind, description, model, weights  # kind: adapter-disabled | frozen | none
 
     @torch.no_grad()
     def logps(self, policy, batch: dict, labelled_only: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -230,8 +234,9 @@ def _reference(cfg: DictConfig, setup, policy) -> Reference:
     start = f"run {setup.init_from}" if setup.init_from else f"the base model {setup.model_path}"
     if m.reference == "auto" or (m.reference == "base" and not setup.init_from):
         if cfg.lora.name != "none":
-            return Reference("adapter-disabled", f"the starting policy ({start}): the policy with its LoRA adapter disabled")
-        return Reference("frozen", f"a frozen copy of the starting policy ({start})", frozen_copy(policy))
+            return Reference("adapter-disabled", f"the starting policy ({start}): the policy with its LoRA adapter disabled",
+                             weights=setup.model_path)
+        return Reference("frozen", f"a frozen copy of the starting policy ({start})", frozen_copy(policy), setup.model_path)
     if m.reference == "base":
         path, what = setup.root_model_path, f"the base model {setup.root_model_path} (not the starting run {setup.init_from})"
     else:
@@ -246,23 +251,79 @@ def _reference(cfg: DictConfig, setup, policy) -> Reference:
 
         disable_4bit_cpu_packing(model)  # the same 4-bit matmul path as the policy: comparable log-probs
     model.requires_grad_(False)
-    return Reference("frozen", what, model)
+    return Reference("frozen", what, model, path)
 
 
 @torch.no_grad()
-def precompute_reference(reference: Reference, policy, dataset, collator, batch_size: int):
-    """Adds ref_chosen_logps / ref_rejected_logps columns, so training needs no reference forward passes."""
-    log.info("precomputing reference log-probs for %d pairs", len(dataset))
-    device = next(policy.parameters()).device
-    chosen, rejected = [], []
-    policy.eval()
-    for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        c, r = reference.logps(policy, {k: v.to(device) for k, v in batch.items()})
-        chosen += c.tolist()
-        rejected += r.tolist()
-    policy.train()
+def precompute_reference(reference: Reference, policy, dataset, collator, batch_size: int, cache: ReferenceCache | None = None):
+    """Adds ref_chosen_logps / ref_rejected_logps columns, so training needs no reference forward passes.
+
+    With a `cache`, log-probs computed once for these rows under this reference are read back instead (a sweep over
+    beta or the learning rate, a re-run, the held-out split of every run of a pipeline stage)."""
+    found = cache.read(reference, dataset) if cache else None
+    if found is not None:
+        log.info("reference log-probs for %d pairs read from %s", len(dataset), cache.path(reference, dataset))
+        chosen, rejected = found
+    else:
+        log.info("precomputing reference log-probs for %d pairs", len(dataset))
+        device = next(policy.parameters()).device
+        chosen, rejected = [], []
+        policy.eval()
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            c, r = reference.logps(policy, {k: v.to(device) for k, v in batch.items()})
+            chosen += c.tolist()
+            rejected += r.tolist()
+        policy.train()
+        if cache:
+            cache.write(reference, dataset, chosen, rejected)
     return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
+class ReferenceCache:
+    """Reference log-probs on disk, `<cache_dir>/reference/<key>.json`, keyed by the tokenised rows (their datasets
+    fingerprint: the tokenised-data cache serves the same rows with the same fingerprint) and the reference — its kind
+    and description, the name, size and modification time of every weight file of the folder it came from — and the
+    precision it ran in (`identity`: dtype, quantisation). Written to a temporary file and renamed into place."""
+
+    def __init__(self, root: Path, identity: dict):
+        self.root, self.identity = Path(root) / "reference", identity
+
+    def key(self, reference: Reference, dataset) -> str | None:
+        fingerprint = getattr(dataset, "_fingerprint", None)
+        if not fingerprint or not reference.weights or not Path(reference.weights).is_dir():
+            return None
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(reference.weights).iterdir()
+                       if f.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+        blob = json.dumps({"rows": fingerprint, "n": len(dataset), "kind": reference.kind, "what": reference.description,
+                           "files": files, **self.identity}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def path(self, reference: Reference, dataset) -> Path | None:
+        key = self.key(reference, dataset)
+        return self.root / f"{key}.json" if key else None
+
+    def read(self, reference: Reference, dataset) -> tuple[list[float], list[float]] | None:
+        path = self.path(reference, dataset)
+        try:
+            data = json.loads(path.read_text()) if path and path.exists() else None
+        except (OSError, ValueError):
+            return None  # unreadable: computed again and rewritten
+        if not data or len(data.get("chosen", ())) != len(dataset) or len(data.get("rejected", ())) != len(dataset):
+            return None
+        return data["chosen"], data["rejected"]
+
+    def write(self, reference: Reference, dataset, chosen: list[float], rejected: list[float]) -> None:
+        path = self.path(reference, dataset)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({"chosen": chosen, "rejected": rejected}))
+            tmp.replace(path)
+        except OSError as e:  # a cache that cannot be written costs the next run a pass, nothing more
+            log.warning("reference log-probs not cached (%s)", e)
 
 
 def preference_eval(trainer) -> dict:

@@ -10,7 +10,9 @@ its adapter disabled (no second copy in memory; after `model.init_from=<SFT run>
 policy, never silently the base), with full fine-tuning a frozen copy; base — the pretrained model at
 the root of the chain; <run dir> — that run's policy, frozen. `method.precompute_reference` computes
 reference log-probs once before training (also what to use with ZeRO-3 / FSDP and full fine-tuning:
-the reference is then never sharded). The choice is recorded in summary.json.
+the reference is then never sharded) and caches them beside the tokenised data (`<cache_dir>/reference/`), so
+a sweep or a re-run over the same pairs and reference reads them back (medgpt.stages.preference.ReferenceCache).
+The choice is recorded in summary.json.
 Metrics per step: loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/*.
 Refuses: dialogue or plain-text data (use method=sft or method=pt).
 Writes: as every method, plus summary fields loss, beta, reference, eval_reward_accuracy(_before), eval_reward_margin.
@@ -44,8 +46,10 @@ def build_data(ctx):
 
 def training_parts(ctx) -> TrainingParts:
     """Pairs, the preference collator, and the reference (chosen, and its log-probs precomputed when asked)."""
+    from pathlib import Path
+
     from medgpt.data.collate import PreferenceCollator
-    from medgpt.stages.preference import PreferenceTrainer, choose_reference, precompute_reference
+    from medgpt.stages.preference import PreferenceTrainer, ReferenceCache, choose_reference, precompute_reference
 
     m, setup = ctx.cfg.method, ctx.setup
     reference = choose_reference(ctx.cfg, setup, ctx.model)
@@ -54,8 +58,11 @@ def training_parts(ctx) -> TrainingParts:
     precomputed = bool(m.precompute_reference and reference.kind != "none")
     if precomputed:
         batch = ctx.cfg.hardware.eval_batch_size
-        train = precompute_reference(reference, ctx.model, train, collator, batch)
-        held = precompute_reference(reference, ctx.model, held, collator, batch) if held else None
+        precision = {"device": setup.placement.device, "dtype": str(setup.placement.dtype), "autocast": setup.placement.mixed_precision,
+                     "quantization": ctx.cfg.lora.quantization}
+        cache = ReferenceCache(Path(ctx.cfg.paths.cache_dir), precision)
+        train = precompute_reference(reference, ctx.model, train, collator, batch, cache)
+        held = precompute_reference(reference, ctx.model, held, collator, batch, cache) if held else None
         reference.model = None  # no longer needed: free its memory
     return TrainingParts(train, held, collator, PreferenceTrainer, {"method": m, "reference": reference},
                          state={"reference": {**reference.as_dict(), "precomputed": precomputed}})
