@@ -4,7 +4,8 @@ A single worker thread owns the model; requests arrive through a queue. The firs
 to `batch_wait_ms` for others, then all of them (up to `max_batch_size`) are prefilled as one
 left-padded batch and decoded step by step with the KV cache. Each row has its own sampling
 parameters, seed, stop strings and token budget, streams its own text and finishes on its own (its text is
-decoded incrementally, and the greedy rows' tokens come from one argmax over the batch); a
+decoded incrementally; the greedy rows' tokens come from one argmax over the batch and the sampled rows' from one
+batched draw on the logits' device, with noise from each request's own seeded generator); a
 finished or cancelled row leaves the batch at once (its cache rows are dropped) and a waiting request
 takes the free slot: it is prefilled and its cache is left-padded into the running batch. On CPU
 this beats one-at-a-time decoding by ~5x at 8 requests (bench/serve_concurrency.py), because a step
@@ -97,25 +98,17 @@ class _Row:
         p = self.params
         return (p.temperature < 1e-5 or p.top_k == 1) and not (p.repetition_penalty != 1.0 and self.seen)
 
-    def pick(self, logits: torch.Tensor) -> int:
+    def penalise(self, logits: torch.Tensor) -> None:
+        """The repetition penalty (CTRL, Keskar et al. 2019) on this row's logits, in place, on their device."""
         p = self.params
         if p.repetition_penalty != 1.0 and self.seen:
             idx = torch.tensor(sorted(self.seen), device=logits.device)
             picked = logits[idx]
             logits[idx] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-        if p.temperature < 1e-5 or p.top_k == 1:  # (near) zero temperature = greedy; dividing by it would overflow
-            return int(logits.argmax())
-        logits = logits / p.temperature
-        if 0 < p.top_k < logits.numel():
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) > p.top_p  # keep the smallest set reaching top_p
-            logits = logits.index_fill(0, order[drop], float("-inf"))
-        probs = logits.softmax(-1).cpu()
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def noise(self, vocab: int) -> torch.Tensor:
+        """Exp(1) noise from this request's own generator (on the CPU: a seed gives the same draw on every device)."""
+        return torch.empty(vocab).exponential_(generator=self.generator)
 
     def text_update(self, tokenizer, final: bool) -> tuple[str, bool]:
         """(new text to stream, a stop string was hit). Holds back a tail that may become a stop string."""
@@ -154,17 +147,49 @@ class _Row:
 
 def pick_tokens(rows: list[_Row], logits: torch.Tensor) -> list[int]:
     """The next token of each row: greedy rows from one argmax over the batch (one transfer from the device for all of
-    them), the others through their own sampler (temperature, top-k/top-p, repetition penalty, per-request seed)."""
+    them), the others sampled together by `sample_tokens` (temperature, top-k/top-p, repetition penalty, per-request seed)."""
     greedy = [i for i, r in enumerate(rows) if r.greedy]
     tokens: list[int] = [0] * len(rows)
     if greedy:
         picked = logits[greedy].argmax(-1).tolist() if len(greedy) < len(rows) else logits.argmax(-1).tolist()
         for i, t in zip(greedy, picked):
             tokens[i] = t
-    for i, row in enumerate(rows):
-        if not row.greedy:
-            tokens[i] = row.pick(logits[i])
+    others = [i for i, r in enumerate(rows) if not r.greedy]
+    if others:
+        for i, t in zip(others, sample_tokens([rows[i] for i in others], logits[others].float())):
+            tokens[i] = t
     return tokens
+
+
+def sample_tokens(rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    """One token per row from `logits` (rows × vocab, a copy: changed in place), every row at once on the logits' device.
+
+    Temperature, top-k and top-p are per-row tensors; a row at (near) zero temperature or top_k=1 takes the argmax of
+    its penalised logits. The draw is the exponential race (argmax of p / q with q ~ Exp(1), the Gumbel-max trick in
+    another form, as vLLM samples), with q from each request's own seeded generator: one transfer for the batch, no
+    per-row softmax copied to the CPU, and a seed gives the same answer however the batch is made up."""
+    for row, row_logits in zip(rows, logits):
+        row.penalise(row_logits)
+    n, vocab = logits.shape
+    device = logits.device
+    temperature = torch.tensor([r.params.temperature for r in rows], device=device)
+    top_k = torch.tensor([r.params.top_k for r in rows], device=device)
+    top_p = torch.tensor([r.params.top_p for r in rows], device=device, dtype=logits.dtype)
+    argmax = (temperature < 1e-5) | (top_k == 1)  # (near) zero temperature = greedy; dividing by it would overflow
+    logits = logits / torch.where(argmax, torch.ones_like(temperature), temperature).unsqueeze(1).to(logits.dtype)
+    limited = (top_k > 0) & (top_k < vocab)
+    if bool(limited.any()):
+        k = int(top_k[limited].max())
+        kth = torch.topk(logits, k, dim=-1).values.gather(1, (top_k.clamp(1, k) - 1).unsqueeze(1))
+        logits = logits.masked_fill(limited.unsqueeze(1) & (logits < kth), float("-inf"))
+    if bool((top_p < 1.0).any()):
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) > top_p.unsqueeze(1)  # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    q = torch.stack([r.noise(vocab) for r in rows]).to(device)
+    sampled = (logits.softmax(-1) / q).argmax(-1)
+    return torch.where(argmax, logits.argmax(-1), sampled).tolist()
 
 
 class HFEngine(Engine):
