@@ -31,8 +31,11 @@ demo: install ## LoRA SFT of SmolLM2-135M on the demo dialogues (~10 min on 2 CP
 demo-pipeline: install ## PT -> SFT -> DPO on SmolLM2-135M, merged at the end (< 20 min on 2 CPU cores); per-stage report
 	$(PY) scripts/demo_pipeline.py
 
-test: install ## the fast suite on the tiny model (~6 min on 2 idle CPU cores)
-	$(PY) -m pytest -q -m "not slow"
+# pytest-xdist workers for `make test`: one per core, at most 4 (each worker runs one intra-op thread; tests/conftest.py)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+
+test: install ## the fast suite on the tiny model in TEST_WORKERS pytest-xdist processes
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: install ## end-to-end runs on the embedded SmolLM2-135M (minutes)
 	$(PY) -m pytest -q -m slow
