@@ -121,7 +121,8 @@ def test_missing_model_is_one_sentence(tmp_path, data_file, path, message):
 
 
 def test_full_finetune_with_packing_saves_a_model(tmp_path, data_file):
-    res = sft(tmp_path / "run", data_file, "lora=none", "method.packing=true", "method.learning_rate=1e-3")
+    res = sft(tmp_path / "run", data_file, "lora=none", "method.packing=true", "method.learning_rate=1e-3", "method.max_steps=2",
+              "method.sample_questions=0")  # what is saved, not how well it trained
     assert res.returncode == 0, res.stderr[-2000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["artefact"] == "model" and s["data"]["train"]["packed_rows"] < s["data"]["train"]["examples"]
@@ -131,13 +132,13 @@ def test_full_finetune_with_packing_saves_a_model(tmp_path, data_file):
 
 
 def test_overfits_a_small_repeated_set(tmp_path):
-    """A few dialogues seen again and again: the training loss must fall clearly within 30 steps."""
+    """A few dialogues seen again and again: the training loss must fall clearly within 20 steps."""
     rows = [dialogue(i) for i in range(4)]
     res = launch("model=tiny", "lora=none", f"data.train_files=[{write_jsonl(tmp_path / 'four.jsonl', rows)}]",
-                 "data.eval_files=[]", "method.max_steps=30", "method.learning_rate=3e-3", "method.warmup_ratio=0",
+                 "data.eval_files=[]", "method.max_steps=20", "method.learning_rate=5e-3", "method.warmup_ratio=0",
                  "method.lr_scheduler=constant", "method.sample_questions=0", "hardware.batch_size=4",
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert res.returncode == 0, res.stderr[-2000:]
     losses = [r["loss"] for r in read_jsonl(tmp_path / "run/metrics.jsonl") if "loss" in r]
-    assert len(losses) == 30
-    assert losses[-1] < 0.3 * losses[0], losses
+    assert len(losses) == 20
+    assert losses[-1] < 0.3 * losses[0], losses  # measured: 10.80 -> 2.63 (0.24 of the start)
