@@ -122,7 +122,8 @@ def test_loglik_equals_the_models_own_log_softmax(tiny_model):
 
 def test_mcq_scores_are_the_letter_logprob_after_the_rendered_prompt(tmp_path, tiny_model, tokenizer):
     """Hand-check one question: the prompt rendered with chatml, the letter's log-prob at its last position."""
-    cfg = eval_cfg(f"eval.files=[{mcq_file(tmp_path / 'q.jsonl', 2)}]")
+    # hardware=cpu: the hand check is an fp32 model; hardware=auto is bf16 on a CPU with avx512_bf16 (medgpt.modeling.precision)
+    cfg = eval_cfg(f"eval.files=[{mcq_file(tmp_path / 'q.jsonl', 2)}]", "hardware=cpu")
     evaluate(cfg, tmp_path / "bare")
     res, rows = consistent(tmp_path / "bare" / "eval" / folder_of(tmp_path / "bare"))
     item = SimpleNamespace(question=QUESTIONS[0][0], options=QUESTIONS[0][1])
