@@ -120,6 +120,16 @@ def test_precision_is_read_from_the_trainer():
     assert precision(trainer) == "frozen none, trained float32, no autocast"
 
 
+def test_peers_train_without_gradient_checkpointing_as_medgpt_does():
+    from conftest import compose
+
+    from bench.train_sides import _common_args
+
+    cfg = compose(bench_run.train_overrides(bench_run.settings(quick=True), "sft", 2, []))
+    args = _common_args(cfg, "/tmp/unused")
+    assert args["gradient_checkpointing"] is False is cfg.hardware.gradient_checkpointing  # TRL 1.16 defaults it on
+
+
 def test_serving_rows_come_from_the_phases_of_each_repetition_and_a_broken_peer_is_recorded():
     s = bench_run.settings(quick=True)
     group = next(g for g in bench_run.groups(s) if g["name"] == "serve")
