@@ -30,8 +30,9 @@ from medgpt.tracking.guards import InterruptGuard
 
 HOOKS = Path(__file__).resolve().parent / "launch_helpers" / "worker_hooks"
 MARK_ENV = "MEDGPT_TEST_RUN_MARK"
-# Same batches, same order, no randomness: one process with batch 4 vs 2 ranks with batch 2 see the same global batch.
-SAME_STEPS = ["model=tiny", "data.max_samples=32", "method.max_steps=4", "method.learning_rate=1e-2", "method.lr_scheduler=constant",
+# Same batches, same order, no randomness, fp32 (hardware=auto is bf16 on CPUs with avx512_bf16): one process with batch 4
+# vs 2 ranks with batch 2 see the same global batch.
+SAME_STEPS = ["model=tiny", "hardware=cpu", "data.max_samples=32", "method.max_steps=4", "method.learning_rate=1e-2", "method.lr_scheduler=constant",
               "method.warmup_ratio=0", "method.shuffle=false", "lora.dropout=0", "method.eval_steps=0"]
 # Measured with transformers 5.24 / torch 2.13 on CPU: DDP and FSDP rows equal one process's to the 4 decimals
 # metrics.jsonl keeps (unrounded: losses within 2e-6), adapters within 1.9e-5. Before DDP really wrapped the model

@@ -20,7 +20,7 @@ ASSISTANT = "<|im_start|>assistant\nAnswer:"
 
 
 def medgpt_cfg(tmp_path):
-    cfg = eval_cfg("template=chatml", "eval.target=text", "eval.normalize=byte", "eval.batch_size=8")
+    cfg = eval_cfg("template=chatml", "eval.target=text", "eval.normalize=byte", "eval.batch_size=8", "hardware=cpu")  # fp32, as lm-eval runs
     cfg.template.assistant_start = ASSISTANT
     return cfg
 
