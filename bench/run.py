@@ -221,7 +221,7 @@ def markdown(result: dict) -> str:
         fmt = lambda x: "—" if x is None else f"{x:.4g}"  # noqa: E731
         rss_fmt = lambda x: "—" if x is None else f"{x:.0f}"  # noqa: E731
         rss = r.get("peak_rss_mb") or {}
-        note = r.get("error") or (f"peer: {r['peer_variant']}" if r.get("peer_variant") else "")
+        note = r.get("error") or "; ".join(filter(None, [f"peer: {r['peer_variant']}" if r.get("peer_variant") else "", r.get("note", "")]))
         lines.append(f"| {r['name']} | {fmt(r['medgpt'])} | {fmt(r['peer'])} | {r['unit']} | {fmt(r['ratio'])}"
                      f"{'' if r['ratio'] is None else 'x'} | {'' if r.get('goal') is None else '≥ ' + str(r['goal'])} | "
                      f"{rss_fmt(rss.get('medgpt'))} / {rss_fmt(rss.get('peer'))} | {note} |")
