@@ -34,7 +34,7 @@ demo-pipeline: install ## PT -> SFT -> DPO on SmolLM2-135M, merged at the end (<
 # pytest-xdist workers for `make test`: one per core, at most 4 (each worker runs one intra-op thread; tests/conftest.py)
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
-test: install ## the fast suite on the tiny model in TEST_WORKERS pytest-xdist processes (3 min 16 s on 2 idle cores)
+test: install ## the fast suite on the tiny model in TEST_WORKERS pytest-xdist processes (~2 min 50 s on 2 idle cores)
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-slow: install ## end-to-end runs on the embedded SmolLM2-135M (minutes)
