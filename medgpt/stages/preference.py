@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from medgpt.modeling.loader import load_model
 from medgpt.modeling.token_logps import sequence_logps
 from medgpt.stages.sampling import SeededSampling
 from medgpt.stages.token_loss import LabelledLoss
-from medgpt.tracking.rundir import resolve_run
+from medgpt.tracking.rundir import resolve_run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +283,7 @@ class ReferenceCache:
     """Reference log-probs on disk, `<cache_dir>/reference/<key>.json`, keyed by the tokenised rows (their datasets
     fingerprint: the tokenised-data cache serves the same rows with the same fingerprint) and the reference — its kind
     and description, the name, size and modification time of every weight file of the folder it came from — and the
-    precision it ran in (`identity`: dtype, quantisation). Written to a temporary file and renamed into place."""
+    precision it ran in (`identity`: dtype, quantisation). Written atomically (tracking.rundir.write_json)."""
 
     def __init__(self, root: Path, identity: dict):
         self.root, self.identity = Path(root) / "reference", identity
@@ -318,10 +317,7 @@ class ReferenceCache:
         if path is None:
             return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps({"chosen": chosen, "rejected": rejected}))
-            tmp.replace(path)
+            write_json(path, {"chosen": chosen, "rejected": rejected})
         except OSError as e:  # a cache that cannot be written costs the next run a pass, nothing more
             log.warning("reference log-probs not cached (%s)", e)
 
